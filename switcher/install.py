@@ -1,0 +1,201 @@
+"""``install`` and ``render --out``: put an environment's units and router settings in place.
+
+Never closes the live listening socket: a changed ``[Socket]`` section is refused unless
+``--rebind``, which accepts a measured gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from switcher import render, state
+from switcher.config import Config, Environment
+from switcher.errors import UsageError
+from switcher.model import Color, Mode, RouterSettings
+from switcher.systemd import Systemd
+
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
+RUN_DIR = "/run/alive-switch"
+Say = Callable[[str], None]
+
+
+@dataclass
+class InstallResult:
+    changed_units: list[str] = field(default_factory=list)
+    router_settings_changed: bool = False
+    router_action: str = "none"
+    rebind_gap: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_units or self.router_settings_changed
+                    or self.router_action != "none")
+
+
+def write_units(files: dict[str, str], out: Path) -> list[str]:
+    """Write rendered files under ``out`` atomically; return the ones that changed."""
+    changed = []
+    for rel, text in sorted(files.items()):
+        path = out / rel
+        if path.exists() and path.read_text() == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state.write_atomic(path, text.encode())
+        changed.append(rel)
+    return changed
+
+
+def router_settings(cfg: Config, env: Environment) -> RouterSettings:
+    prefix = cfg.unit_prefix(env)
+    return RouterSettings(
+        app=cfg.app, env=env.name, mode=Mode(env.router.mode),
+        colors={c: (env.host, env.port(c)) for c in Color},
+        control_socket=control_socket(prefix), backlog=env.router.backlog,
+        max_connections=env.router.max_connections, restart_drain=env.router.restart_drain,
+        header_timeout=env.router.header_timeout, idle_timeout=env.router.idle_timeout,
+        max_header_bytes=env.router.max_header_bytes,
+        trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
+    )
+
+
+def control_socket(prefix: str) -> str:
+    return f"{RUN_DIR}/{prefix}/control.sock"
+
+
+def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebind: bool,
+            dry_run: bool, say: Say) -> InstallResult:
+    files = render.render(cfg, env)
+    names = render.unit_names(cfg.app, env.name)
+    socket_unit = names["socket"]
+    _check_socket_change(env, sd, unit_dir / socket_unit, files[socket_unit], rebind=rebind)
+    result = InstallResult()
+    pending = [rel for rel, text in sorted(files.items())
+               if not (unit_dir / rel).exists() or (unit_dir / rel).read_text() != text]
+    settings = router_settings(cfg, env)
+    if dry_run:
+        for rel in pending:
+            say(f"would write {unit_dir / rel}")
+        say("would write router settings, daemon-reload, enable and start "
+            f"{socket_unit}, start or reload {names['router']}" if pending
+            else "units are up to date; nothing to write")
+        return result
+    result.changed_units = write_units(files, unit_dir)
+    env_dir = cfg.env_dir(env)
+    env_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    result.router_settings_changed = state.save_router_settings(env_dir, settings)
+    if result.changed_units:
+        sd.daemon_reload()
+    for unit in (socket_unit, names["router"]):
+        if sd.show(unit, "UnitFileState")["UnitFileState"] != "enabled":
+            sd.enable(unit)
+    socket_changed = socket_unit in result.changed_units
+    if rebind and socket_changed and _active(sd, socket_unit):
+        result.rebind_gap = _rebind(sd, socket_unit, names["router"], env)
+        result.router_action = "restarted"
+    else:
+        if not _active(sd, socket_unit):
+            sd.start(socket_unit)
+        result.router_action = _start_or_reload_router(
+            sd, names["router"], unit_changed=names["router"] in result.changed_units,
+            settings_changed=result.router_settings_changed)
+    _report(result, unit_dir, say)
+    return result
+
+
+def _active(sd: Systemd, unit: str) -> bool:
+    return sd.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def _start_or_reload_router(sd: Systemd, unit: str, *, unit_changed: bool,
+                            settings_changed: bool) -> str:
+    if not _active(sd, unit):
+        sd.start(unit)
+        return "started"
+    if unit_changed:
+        # New limits or ExecStart need a new process; the socket queues meanwhile.
+        sd.restart(unit)
+        return "restarted"
+    if settings_changed:
+        sd.reload(unit)
+        return "reloaded"
+    return "none"
+
+
+def _rebind(sd: Systemd, socket_unit: str, router: str, env: Environment) -> float:
+    """Stop the router, restart the socket with its new [Socket], start the router:
+    the only path that closes the public port. Returns the measured gap in seconds."""
+    began = time.monotonic()
+    sd.stop(router)
+    sd.restart(socket_unit)
+    sd.start(router)
+    _wait_listening(env, deadline=time.monotonic() + 10)
+    return time.monotonic() - began
+
+
+def _wait_listening(env: Environment, deadline: float) -> None:
+    host, port = listen_probe_address(env)
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.01)
+
+
+def listen_probe_address(env: Environment) -> tuple[str, int]:
+    """Where a local client reaches the public socket."""
+    listen = env.listen_address
+    if ":" not in listen:
+        return "127.0.0.1", int(listen)
+    addr, port = listen.rsplit(":", 1)
+    return addr.strip("[]"), int(port)
+
+
+def _check_socket_change(env: Environment, sd: Systemd, installed: Path, rendered: str, *,
+                         rebind: bool) -> None:
+    if rebind:
+        return
+    if installed.exists():
+        before = render.socket_section(installed.read_text())
+        if before != render.socket_section(rendered):
+            raise UsageError(
+                f"the [Socket] section of {installed.name} would change "
+                f"({before!r} → {render.socket_section(rendered)!r}); applying it closes the "
+                "public port",
+                f"run `alive-switch install {env.name} --rebind` to accept a short gap")
+    listening = sd.show(installed.name, "Listen", "ActiveState")
+    if listening.get("ActiveState") == "active" and not _listen_matches(
+            listening.get("Listen", ""), env.listen_address):
+        raise UsageError(
+            f"{installed.name} listens on {listening['Listen']!r}, the config says "
+            f"{env.listen_address!r}; changing it closes the public port",
+            f"run `alive-switch install {env.name} --rebind` to accept a short gap")
+
+
+def _listen_matches(shown: str, listen: str) -> bool:
+    """``systemctl show -p Listen`` prints e.g. ``[::]:9000 (Stream)``."""
+    addresses = re.findall(r"(\S+) \(Stream\)", shown)
+    want = f"[::]:{listen}" if listen.isdigit() else listen
+    return addresses == [want]
+
+
+def _report(result: InstallResult, unit_dir: Path, say: Say) -> None:
+    for rel in result.changed_units:
+        say(f"wrote {unit_dir / rel}")
+    if result.router_settings_changed:
+        say("router settings changed")
+    if result.router_action != "none":
+        say(f"router {result.router_action}")
+    if result.rebind_gap is not None:
+        say(f"rebind: the public port was closed for up to {result.rebind_gap * 1000:.0f} ms")
+    if not result.changed:
+        say("nothing changed: units, router settings and services are up to date")
+
+
+def ensure_run_dir() -> None:
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)

@@ -1,0 +1,206 @@
+"""Pure values shared by the CLI and the router: colors, phases, state, router settings.
+
+No I/O here. ``state.json`` (written only by :mod:`switcher.state`) looks like::
+
+    {
+      "schema": 1,
+      "active": "green",                  # live color, or null before the first deploy
+      "previous": "blue",                 # the color that was live before, or null
+      "builds": {"blue": "b1", "green": "b2"},   # build each color's link points at
+      "pending": null | {"target": "blue", "phase": "switching", "deploy_id": "..."},
+      "fallback": null | {"color": "blue", "until": 1790000000.0},
+      "drain_until": null | 1790000000.0, # old color's in-flight work is cut at this time
+      "deploy_id": "...",                 # of the last committed deploy or rollback
+      "updated": 1790000000.0
+    }
+
+``fallback`` is the previous live color during its drain/watch/standby window: the only
+color the router may use when the live one refuses a connection.
+
+The router's settings file ``router.json`` (written by ``install``)::
+
+    {"schema": 1, "app": "alive", "env": "production", "mode": "tcp",
+     "colors": {"blue": ["127.0.0.1", 9001], "green": ["127.0.0.1", 9002]},
+     "backlog": 4096, "max_connections": 10000, "restart_drain": 1.0,
+     "header_timeout": 10.0, "idle_timeout": 75.0, "max_header_bytes": 65536,
+     "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
+     "control_group": ""}
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+STATE_SCHEMA = 1
+
+
+class Color(enum.StrEnum):
+    blue = "blue"
+    green = "green"
+
+    @property
+    def other(self) -> Color:
+        return Color.green if self is Color.blue else Color.blue
+
+
+class Mode(enum.StrEnum):
+    http = "http"
+    tcp = "tcp"
+
+
+class Phase(enum.StrEnum):
+    """Deploy phases, in order. A pending intent at or past ``switching`` means the
+    router may already serve the target."""
+
+    lock = "lock"
+    reconcile = "reconcile"
+    cancel_timer = "cancel_timer"
+    preflight = "preflight"
+    start = "start"
+    health = "health"
+    pre_switch = "pre_switch"
+    switching = "switching"
+    commit = "commit"
+    watch = "watch"
+    schedule_retire = "schedule_retire"
+    post_switch = "post_switch"
+    done = "done"
+
+    @property
+    def past_switch(self) -> bool:
+        order = list(Phase)
+        return order.index(self) >= order.index(Phase.switching)
+
+
+@dataclass(frozen=True)
+class Pending:
+    target: Color
+    phase: Phase
+    deploy_id: str
+    build: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target.value, "phase": self.phase.value,
+                "deploy_id": self.deploy_id, "build": self.build}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Pending:
+        return cls(Color(raw["target"]), Phase(raw["phase"]), str(raw["deploy_id"]),
+                   str(raw.get("build", "")))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    color: Color
+    until: float
+
+    def open_at(self, now: float) -> bool:
+        return now < self.until
+
+
+@dataclass(frozen=True)
+class State:
+    active: Color | None = None
+    previous: Color | None = None
+    builds: dict[Color, str | None] = field(
+        default_factory=lambda: {Color.blue: None, Color.green: None})
+    pending: Pending | None = None
+    fallback: Fallback | None = None
+    drain_until: float | None = None
+    deploy_id: str = ""
+    updated: float = 0.0
+
+    def serving(self) -> Color | None:
+        """The color the router should send new work to, reading the intent too."""
+        if self.pending is not None and self.pending.phase.past_switch:
+            return self.pending.target
+        return self.active
+
+    def fallback_at(self, now: float) -> Color | None:
+        fb = self.fallback
+        if fb is None or not fb.open_at(now) or fb.color == self.serving():
+            return None
+        return fb.color
+
+    def with_(self, **changes: Any) -> State:
+        return replace(self, updated=time.time(), **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": STATE_SCHEMA,
+            "active": self.active.value if self.active else None,
+            "previous": self.previous.value if self.previous else None,
+            "builds": {c.value: b for c, b in self.builds.items()},
+            "pending": self.pending.to_json() if self.pending else None,
+            "fallback": ({"color": self.fallback.color.value, "until": self.fallback.until}
+                         if self.fallback else None),
+            "drain_until": self.drain_until,
+            "deploy_id": self.deploy_id,
+            "updated": self.updated,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> State:
+        """Parse; raises KeyError/ValueError/TypeError on a malformed document."""
+        if raw.get("schema") != STATE_SCHEMA:
+            raise ValueError(f"unknown state schema {raw.get('schema')!r}")
+        fb = raw.get("fallback")
+        return cls(
+            active=_color(raw.get("active")),
+            previous=_color(raw.get("previous")),
+            builds={c: raw.get("builds", {}).get(c.value) for c in Color},
+            pending=Pending.from_json(raw["pending"]) if raw.get("pending") else None,
+            fallback=Fallback(Color(fb["color"]), float(fb["until"])) if fb else None,
+            drain_until=float(raw["drain_until"]) if raw.get("drain_until") else None,
+            deploy_id=str(raw.get("deploy_id", "")),
+            updated=float(raw.get("updated", 0.0)),
+        )
+
+
+def _color(value: object) -> Color | None:
+    return None if value is None else Color(str(value))
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    app: str
+    env: str
+    mode: Mode
+    colors: dict[Color, tuple[str, int]]
+    control_socket: str
+    backlog: int = 4096
+    max_connections: int = 10000
+    restart_drain: float = 1.0
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_header_bytes: int = 65536
+    trusted_proxies: tuple[str, ...] = ()
+    control_group: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": STATE_SCHEMA, "app": self.app, "env": self.env, "mode": self.mode.value,
+            "colors": {c.value: [h, p] for c, (h, p) in self.colors.items()},
+            "control_socket": self.control_socket, "backlog": self.backlog,
+            "max_connections": self.max_connections, "restart_drain": self.restart_drain,
+            "header_timeout": self.header_timeout, "idle_timeout": self.idle_timeout,
+            "max_header_bytes": self.max_header_bytes,
+            "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> RouterSettings:
+        return cls(
+            app=str(raw["app"]), env=str(raw["env"]), mode=Mode(raw["mode"]),
+            colors={Color(c): (str(hp[0]), int(hp[1])) for c, hp in raw["colors"].items()},
+            control_socket=str(raw["control_socket"]), backlog=int(raw["backlog"]),
+            max_connections=int(raw["max_connections"]),
+            restart_drain=float(raw["restart_drain"]),
+            header_timeout=float(raw["header_timeout"]), idle_timeout=float(raw["idle_timeout"]),
+            max_header_bytes=int(raw["max_header_bytes"]),
+            trusted_proxies=tuple(raw.get("trusted_proxies", ())),
+            control_group=str(raw.get("control_group", "")),
+        )

@@ -1,0 +1,175 @@
+"""The systemctl adapter: the only module that runs systemctl / systemd-run.
+
+Failures become :class:`SystemdError` naming the command, systemd's words and the
+``journalctl`` line to read. :class:`FakeSystemd` stands in for it in unit tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from switcher.errors import SystemdError
+
+UnitProps = dict[str, str]
+
+
+class Systemd(Protocol):
+    def daemon_reload(self) -> None: ...
+    def start(self, unit: str) -> None: ...
+    def stop(self, unit: str) -> None: ...
+    def restart(self, unit: str) -> None: ...
+    def reload(self, unit: str) -> None: ...
+    def reset_failed(self, unit: str) -> None: ...
+    def enable(self, unit: str) -> None: ...
+    def disable(self, unit: str) -> None: ...
+    def show(self, unit: str, *props: str) -> UnitProps: ...
+    def schedule(self, name: str, after: float, argv: list[str]) -> None: ...
+    def cancel(self, name: str) -> None: ...
+
+
+def run(argv: list[str], unit: str = "", timeout: float = 120) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except FileNotFoundError:
+        raise SystemdError(f"{argv[0]} not found", "install systemd (is this a systemd host?)"
+                           ) from None
+    except subprocess.TimeoutExpired:
+        raise SystemdError(f"`{' '.join(argv)}` took longer than {timeout:g} s",
+                           _hint(unit)) from None
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().replace("\n", "; ")
+        raise SystemdError(f"`{' '.join(argv)}` failed (exit {done.returncode}): {said}",
+                           _hint(unit))
+    return done.stdout
+
+
+def _hint(unit: str) -> str:
+    if unit:
+        return f"see: journalctl -u {unit} -n 50 --no-pager; systemctl status {unit}"
+    return "see: journalctl -n 50 --no-pager"
+
+
+class Systemctl:
+    """The real thing."""
+
+    def daemon_reload(self) -> None:
+        run(["systemctl", "daemon-reload"])
+
+    def start(self, unit: str) -> None:
+        run(["systemctl", "start", unit], unit)
+
+    def stop(self, unit: str) -> None:
+        run(["systemctl", "stop", unit], unit)
+
+    def restart(self, unit: str) -> None:
+        run(["systemctl", "restart", unit], unit)
+
+    def reload(self, unit: str) -> None:
+        run(["systemctl", "reload", unit], unit)
+
+    def reset_failed(self, unit: str) -> None:
+        # Fails when the unit is not failed and not loaded: that is fine.
+        subprocess.run(["systemctl", "reset-failed", unit], capture_output=True, check=False)
+
+    def enable(self, unit: str) -> None:
+        run(["systemctl", "enable", "--no-reload", unit], unit)
+
+    def disable(self, unit: str) -> None:
+        run(["systemctl", "disable", "--no-reload", unit], unit)
+
+    def show(self, unit: str, *props: str) -> UnitProps:
+        out = run(["systemctl", "show", unit, *(f"--property={p}" for p in props)], unit)
+        values: UnitProps = {}
+        for line in out.splitlines():
+            key, _, value = line.partition("=")
+            values[key] = value
+        return values
+
+    def schedule(self, name: str, after: float, argv: list[str]) -> None:
+        run(["systemd-run", "--quiet", "--collect", f"--unit={name}",
+             f"--on-active={after:.3f}s", "--timer-property=AccuracySec=100ms", *argv], name)
+
+    def cancel(self, name: str) -> None:
+        # A timer that already fired or never existed is nothing to cancel.
+        subprocess.run(["systemctl", "stop", f"{name}.timer", f"{name}.service"],
+                       capture_output=True, check=False)
+
+
+@dataclass
+class FakeUnit:
+    active: str = "inactive"
+    sub: str = "dead"
+    main_pid: int = 0
+    invocation: str = ""
+    enabled: bool = False
+
+
+@dataclass
+class FakeSystemd:
+    """In-memory systemd for unit tests of the deploy logic; records every call."""
+
+    units: dict[str, FakeUnit] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    timers: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    fail_start: set[str] = field(default_factory=set)
+    _pid: int = 1000
+
+    def _unit(self, unit: str) -> FakeUnit:
+        return self.units.setdefault(unit, FakeUnit())
+
+    def daemon_reload(self) -> None:
+        self.calls.append(("daemon-reload", ""))
+
+    def start(self, unit: str) -> None:
+        self.calls.append(("start", unit))
+        if unit in self.fail_start:
+            self._unit(unit).active = "failed"
+            raise SystemdError(f"`systemctl start {unit}` failed", _hint(unit))
+        u = self._unit(unit)
+        if u.active != "active":
+            self._pid += 1
+            u.active, u.sub, u.main_pid, u.invocation = ("active", "running", self._pid,
+                                                         f"inv{self._pid}")
+
+    def stop(self, unit: str) -> None:
+        self.calls.append(("stop", unit))
+        u = self._unit(unit)
+        u.active, u.sub, u.main_pid = "inactive", "dead", 0
+
+    def restart(self, unit: str) -> None:
+        self.stop(unit)
+        self.start(unit)
+
+    def reload(self, unit: str) -> None:
+        self.calls.append(("reload", unit))
+
+    def reset_failed(self, unit: str) -> None:
+        self.calls.append(("reset-failed", unit))
+
+    def enable(self, unit: str) -> None:
+        self.calls.append(("enable", unit))
+        self._unit(unit).enabled = True
+
+    def disable(self, unit: str) -> None:
+        self.calls.append(("disable", unit))
+        self._unit(unit).enabled = False
+
+    def show(self, unit: str, *props: str) -> UnitProps:
+        u = self._unit(unit)
+        every = {"ActiveState": u.active, "SubState": u.sub, "MainPID": str(u.main_pid),
+                 "InvocationID": u.invocation, "LoadState": "loaded",
+                 "UnitFileState": "enabled" if u.enabled else "disabled", "Result": "success"}
+        return {p: every.get(p, "") for p in props}
+
+    def schedule(self, name: str, after: float, argv: list[str]) -> None:
+        self.calls.append(("schedule", name))
+        if name in self.timers:
+            raise SystemdError(f"unit {name}.timer already exists", _hint(name))
+        self.timers[name] = (after, argv)
+
+    def cancel(self, name: str) -> None:
+        self.calls.append(("cancel", name))
+        self.timers.pop(name, None)
