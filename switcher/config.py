@@ -366,6 +366,9 @@ def _validate_listen(path: str, key: str, listen: str) -> None:
 
 def _validate_exec(path: str, key: str, value: str) -> None:
     _no_control(path, key, value)
+    if value.rstrip().endswith("\\"):
+        raise ConfigError(path, key, f"{value!r} ends in a backslash",
+                          "remove it: systemd would join the next unit line to the command")
     try:
         words = shlex.split(value)
     except ValueError as exc:
@@ -373,9 +376,6 @@ def _validate_exec(path: str, key: str, value: str) -> None:
                           ) from None
     if not words:
         raise ConfigError(path, key, "empty command", "write e.g. \"/usr/bin/node server.js\"")
-    if value.rstrip().endswith("\\"):
-        raise ConfigError(path, key, f"{value!r} ends in a backslash",
-                          "remove it: systemd would join the next unit line to the command")
     first = words[0]
     if first[0] in EXEC_PREFIXES:
         raise ConfigError(path, key, f"{first!r} carries a systemd prefix ({first[0]!r})",

@@ -1,0 +1,187 @@
+"""The command line: parse, call one operation, print its result. The only place that exits.
+
+Heavy modules (Jinja2, httpx) are imported inside the commands that need them, so
+``status`` and ``rollback`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from switcher import config
+from switcher.errors import SwitchError, UsageError
+from switcher.model import Color
+
+if TYPE_CHECKING:
+    from switcher.deploy import Deployer
+
+EPILOG = """\
+exit codes: 0 ok (also "already live") · 1 internal error · 2 usage or config ·
+3 aborted before the switch, the old color still serves · 4 lock held ·
+5 switched, then switched back during `watch` · 6 state needs `alive-switch repair ENV`
+"""
+
+EXAMPLES = {
+    "install": "alive-switch install production\nalive-switch install production --rebind",
+    "render": "alive-switch render production\nalive-switch render production --out units/",
+    "deploy": "alive-switch deploy production\nalive-switch deploy production 2026-02-03.2 "
+              "--dry-run",
+    "rollback": "alive-switch rollback production",
+    "retire": "alive-switch retire production blue",
+    "repair": "alive-switch repair production",
+    "status": "alive-switch status production\nalive-switch status production --json",
+    "history": "alive-switch history production",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alive-switch", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Zero-downtime blue/green deploys for apps run by systemd.")
+    parser.add_argument("--config", help=f"config file (default: ${config.ENV_VAR} or "
+                        f"{config.DEFAULT_PATH})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text,
+                           epilog=f"examples:\n  {EXAMPLES[name].replace(chr(10), chr(10) + '  ')}"
+                           f"\n\n{EPILOG}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("env", metavar="ENV", help="environment name from the config")
+        p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    p = command("install", "render and install the units, start the socket and the router")
+    p.add_argument("--unit-dir", default=None, help="where units go (default "
+                   "/etc/systemd/system)")
+    p.add_argument("--rebind", action="store_true", help="accept a short gap to apply a "
+                   "changed [Socket] section")
+    p.add_argument("--dry-run", action="store_true")
+    p = command("render", "print the units, or write them under --out")
+    p.add_argument("--out", default=None, help="write the files here, drop-in folders included")
+    p = command("deploy", "start the idle color on BUILD, health-check it, switch, drain")
+    p.add_argument("build", nargs="?", metavar="BUILD", help="a build name inside `builds` "
+                   "(default: the newest)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--force", action="store_true", help="deploy even if BUILD is live")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p = command("rollback", "make the previous live color and build live again")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p = command("retire", "stop COLOR unless it is live, pending or the fallback")
+    p.add_argument("color", choices=[c.value for c in Color])
+    command("repair", "rebuild state.json from the router, the color links and history")
+    p = command("status", "live color and build, each color's unit, health and traffic")
+    p.add_argument("--json", action="store_true", help="JSON only on stdout (schema 1)")
+    command("history", "deploys, rollbacks and retirements with per-phase timings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    args = _parser().parse_args(argv)
+    try:
+        code = _run(args)
+    except SwitchError as exc:
+        print(f"alive-switch: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = config.config_path(args.config)
+    cfg = config.load(path, check_owner=args.command != "render")
+    env = cfg.environment(args.env)
+    if args.command == "render":
+        return _render(cfg, env, args.out)
+    if args.command == "install":
+        return _install(cfg, env, args)
+    if args.command == "status":
+        return _status(cfg, env, as_json=args.json)
+    if args.command == "history":
+        from switcher import state, status  # noqa: PLC0415
+
+        for line in status.history_lines(state.read_history(cfg.env_dir(env))):
+            print(line)
+        return 0
+    return _mutate(cfg, env, args)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _render(cfg: config.Config, env: config.Environment, out: str | None) -> int:
+    from switcher import install, render  # noqa: PLC0415
+
+    files = render.render(cfg, env)
+    if out is None:
+        for rel, text in files.items():
+            print(f"# --- {rel}\n{text}")
+        return 0
+    for rel in install.write_units(files, Path(out)):
+        print(f"wrote {Path(out) / rel}")
+    return 0
+
+
+def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
+    from switcher import install  # noqa: PLC0415
+    from switcher.systemd import Systemctl  # noqa: PLC0415
+
+    unit_dir = Path(args.unit_dir or install.DEFAULT_UNIT_DIR)
+    install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=args.dry_run,
+                    say=_say)
+    return 0
+
+
+def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say) -> Deployer:
+    from switcher.deploy import Deployer  # noqa: PLC0415
+    from switcher.install import control_socket  # noqa: PLC0415
+    from switcher.render import unit_names  # noqa: PLC0415
+    from switcher.routerctl import ControlSocket  # noqa: PLC0415
+    from switcher.systemd import Systemctl  # noqa: PLC0415
+
+    router = ControlSocket(control_socket(cfg.unit_prefix(env)),
+                           unit_names(cfg.app, env.name)["router"])
+    return Deployer(cfg, env, Systemctl(), router, say=say)
+
+
+def _status(cfg: config.Config, env: config.Environment, *, as_json: bool) -> int:
+    from switcher import status  # noqa: PLC0415
+
+    d = _deployer(cfg, env)
+    info = status.collect(cfg, env, d.sd, d.router)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        for line in status.render_table(info):
+            print(line)
+    return 0
+
+
+def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
+    from switcher import deploy  # noqa: PLC0415
+
+    as_json = getattr(args, "json", False)
+    # With --json, progress goes to stderr so stdout holds only the JSON outcome.
+    d = _deployer(cfg, env, say=(lambda line: print(line, file=sys.stderr, flush=True))
+                  if as_json else _say)
+    if args.command == "deploy":
+        outcome = d.deploy(args.build, force=args.force, dry_run=args.dry_run)
+    elif args.command == "rollback":
+        outcome = d.rollback(dry_run=args.dry_run)
+    elif args.command == "retire":
+        outcome = d.retire(Color(args.color))
+    elif args.command == "repair":
+        for line in deploy.repair(d):
+            print(line)
+        return 0
+    else:
+        raise UsageError(f"unknown command {args.command!r}", "see: alive-switch --help")
+    if as_json:
+        print(json.dumps(outcome.to_json(), indent=2))
+    return 0

@@ -1,0 +1,539 @@
+"""Runs deploys, rollbacks and retirements through the adapters (systemd, router, state,
+health), in DESIGN.md's order, and reconciles what a killed run left behind.
+
+Timeline of a switch at T0: the old color gets no new work from T0 and may finish what it
+has until T0 + drain; the new color is watched until T0 + watch while the old one keeps
+running; the old color stays the router's fallback (and on standby) until
+T0 + max(drain, watch + standby), when its retire timer stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from switcher import builds, health, plan, state
+from switcher.config import Config, Environment
+from switcher.errors import (
+    AbortedError,
+    NeedsRepairError,
+    SwitchedBackError,
+    SwitchError,
+    UsageError,
+)
+from switcher.model import Color, Fallback, Pending, Phase, State
+from switcher.render import color_unit, unit_names
+from switcher.routerctl import Router, serving
+from switcher.systemd import Systemd
+
+STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"
+RUN_DIR = Path("/run/alive-switch")  # not a RuntimeDirectory=: systemd wipes those
+RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback window closes
+Say = Callable[[str], None]
+
+
+@dataclass
+class Clock:
+    """Wall time for deadlines shared with the router; injectable for tests."""
+
+    now: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class Outcome:
+    kind: str
+    ok: bool
+    target: Color | None = None
+    build: str = ""
+    message: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ok": self.ok,
+                "target": self.target.value if self.target else None, "build": self.build,
+                "message": self.message, "phases": self.phases, "warnings": self.warnings}
+
+
+class Phases:
+    """Times each phase, prints it as it runs, and honours the fault-injection hook."""
+
+    def __init__(self, say: Say) -> None:
+        self.say = say
+        self.durations: dict[str, float] = {}
+        self.current: Phase | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, phase: Phase, label: str = "") -> Iterator[None]:
+        self.current = phase
+        if os.environ.get(STOP_AT_VAR) == phase.value:
+            # Test-only fault injection: freeze here so a test can SIGKILL us mid-phase.
+            os.kill(os.getpid(), signal.SIGSTOP)
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - began
+            self.durations[phase.value] = round(took, 3)
+        self.say(f"  {phase.value:<16} {took:7.2f} s  {label}".rstrip())
+
+
+class Deployer:
+    def __init__(self, cfg: Config, env: Environment, sd: Systemd, router: Router, *,
+                 say: Say, clock: Clock | None = None, run_dir: Path = RUN_DIR) -> None:
+        self.cfg, self.env, self.sd, self.router, self.say = cfg, env, sd, router, say
+        self.clock = clock or Clock()
+        self.run_dir = run_dir
+        self.prefix = cfg.unit_prefix(env)
+        self.env_dir = cfg.env_dir(env)
+        self.names = unit_names(cfg.app, env.name)
+
+    # ---------------------------------------------------------------- names and facts
+
+    def unit(self, color: Color) -> str:
+        return color_unit(self.cfg.app, self.env.name, color)
+
+    def timer(self, color: Color) -> str:
+        return f"{self.prefix}-retire-{color.value}"
+
+    def lock(self, command: str) -> state.Lock:
+        return state.Lock(self.run_dir / f"{self.prefix}.lock", command)
+
+    def load_state(self) -> State:
+        try:
+            return state.load_state(self.env_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise NeedsRepairError(
+                f"{self.env_dir / state.STATE} is unreadable ({exc}); the router keeps "
+                "serving its last switch",
+                f"run `alive-switch repair {self.env.name}`") from None
+
+    def linked_build(self, color: Color) -> str | None:
+        link = state.color_link(self.env_dir, color)
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def running_builds(self) -> dict[Color, str | None]:
+        """The build each color runs now (None when its unit is not active)."""
+        found: dict[Color, str | None] = {}
+        for color in Color:
+            props = self.sd.show(self.unit(color), "ActiveState")
+            found[color] = self.linked_build(color) if props["ActiveState"] == "active" else None
+        return found
+
+    def identity(self, color: Color) -> dict[str, str]:
+        return self.sd.show(self.unit(color), "ActiveState", "SubState", "MainPID",
+                            "InvocationID", "Result")
+
+    def gone(self, color: Color, started: dict[str, str]) -> str:
+        """"" while ``color`` runs the very process we started, else what happened."""
+        now = self.identity(color)
+        if now["ActiveState"] != "active" or now["MainPID"] in ("", "0"):
+            return (f"{self.unit(color)} is {now['ActiveState']} ({now['SubState']}, "
+                    f"result {now['Result']})")
+        if (now["MainPID"], now["InvocationID"]) != (started["MainPID"],
+                                                     started["InvocationID"]):
+            return (f"{self.unit(color)} restarted (MainPID {started['MainPID']} → "
+                    f"{now['MainPID']})")
+        return ""
+
+    def journal_hint(self, color: Color) -> str:
+        return f"see: journalctl -u {self.unit(color)} -n 50 --no-pager"
+
+    # ---------------------------------------------------------------- commands
+
+    def deploy(self, build_arg: str | None, *, force: bool, dry_run: bool) -> Outcome:
+        if dry_run:
+            return self._dry_run(build_arg, force)
+        with self.lock(f"deploy {self.env.name} {build_arg or ''}".strip()):
+            current = self.begin()
+            build = builds.resolve(self.env, build_arg)
+            if build_arg is None:
+                self.say(f"build: {build.name} (newest deployable in {self.env.builds})")
+            the_plan = plan.plan_deploy(current, build.name, force=force,
+                                        running=self.running_builds())
+            return self._execute(the_plan, current, build.path)
+
+    def rollback(self, *, dry_run: bool) -> Outcome:
+        if dry_run:
+            the_plan = plan.plan_rollback(self.load_state(), self.running_builds())
+            for line in the_plan.describe():
+                self.say(line)
+            return Outcome("rollback", True, the_plan.target, the_plan.build, "dry run")
+        with self.lock(f"rollback {self.env.name}"):
+            current = self.begin()
+            the_plan = plan.plan_rollback(current, self.running_builds())
+            path = Path(self.env.builds) / the_plan.build
+            if not the_plan.warm and not path.is_dir():
+                raise AbortedError(
+                    f"cannot roll back to {the_plan.target} ({the_plan.build}): {path} is gone "
+                    "and the color is not running; nothing was changed",
+                    f"deploy another build: alive-switch deploy {self.env.name} BUILD")
+            return self._execute(the_plan, current, path)
+
+    def retire(self, color: Color) -> Outcome:
+        with self.lock(f"retire {self.env.name} {color.value}"):
+            current = self.load_state()
+            now = self.clock.now()
+            reason = _why_not_retire(current, color, now)
+            if reason:
+                raise UsageError(f"not retiring {color}: {reason}",
+                                 "nothing to do; a later deploy schedules its retirement")
+            self.sd.stop(self.unit(color))
+            if current.fallback and current.fallback.color == color:
+                self.router.set_fallback(None)
+                state.save_state(self.env_dir, current.with_(fallback=None))
+            message = f"retired {color} ({self.unit(color)} stopped)"
+            self.say(message)
+            self.record({"kind": "retire", "color": color.value, "outcome": "ok",
+                           "build": current.builds.get(color)})
+            return Outcome("retire", True, color, current.builds.get(color) or "", message)
+
+    def _dry_run(self, build_arg: str | None, force: bool) -> Outcome:
+        build = builds.resolve(self.env, build_arg)
+        the_plan = plan.plan_deploy(self.load_state(), build.name, force=force,
+                                    running=self.running_builds())
+        for line in the_plan.describe():
+            self.say(line)
+        return Outcome("deploy", True, the_plan.target, build.name, "dry run")
+
+    # ---------------------------------------------------------------- step 1: reconcile
+
+    def begin(self) -> State:
+        """Router running, then reconcile state.json with what the router serves."""
+        router_unit = self.names["router"]
+        if self.sd.show(router_unit, "ActiveState")["ActiveState"] != "active":
+            self.sd.start(router_unit)
+            self.say(f"started {router_unit}")
+        current = self.load_state()
+        actual = serving(self.router.status())
+        action = plan.reconcile(current, actual)
+        if action is plan.Reconcile.nothing:
+            return current
+        self.say(f"reconcile: {action.value}")
+        fixed = self._reconcile(action, current, actual)
+        self.record({"kind": "reconcile", "action": action.name, "outcome": "ok",
+                       "router_was": actual.value if actual else None})
+        return fixed
+
+    def _reconcile(self, action: plan.Reconcile, current: State, actual: Color | None
+                   ) -> State:
+        pending = current.pending
+        if action is plan.Reconcile.commit and pending is not None:
+            old = current.active
+            fixed = self._committed(current, pending.target, pending.build, pending.deploy_id,
+                                    self.clock.now())
+            state.save_state(self.env_dir, fixed)
+            if old is not None and fixed.fallback is not None:
+                self._schedule_retire(old, fixed.fallback.until)
+            return fixed
+        if pending is not None:
+            target = pending.target
+            if target != current.active and not _usable_fallback(current, target,
+                                                                  self.clock.now()):
+                self.sd.stop(self.unit(target))
+                self.say(f"stopped {self.unit(target)} (its deploy was interrupted)")
+            builds_now = {**current.builds, target: self.linked_build(target)}
+            current = current.with_(pending=None, builds=builds_now)
+        if actual != current.active:
+            self.router.switch(current.active, current.fallback, current.drain_until,
+                               current.builds)
+            self.say(f"router switched back to {current.active}")
+        state.save_state(self.env_dir, current)
+        return current
+
+    # ---------------------------------------------------------------- steps 2-9
+
+    def _execute(self, the_plan: plan.Plan, current: State, path: Path) -> Outcome:
+        if the_plan.noop:
+            message = the_plan.describe()[0]
+            self.say(message)
+            return Outcome(the_plan.kind.value, True, the_plan.target, the_plan.build, message)
+        deploy_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        phases = Phases(self.say)
+        outcome = Outcome(the_plan.kind.value, False, the_plan.target, the_plan.build)
+        self.say(f"{the_plan.kind} {the_plan.build} → {the_plan.target} "
+                 f"(live now: {the_plan.old.value if the_plan.old else 'nothing'})")
+        try:
+            self._steps(the_plan, current, path, deploy_id=deploy_id, phases=phases,
+                        outcome=outcome)
+            outcome.ok = True
+        except AbortedError as exc:
+            outcome.message = exc.message
+            self._clear_intent(the_plan.target)
+            raise
+        except SwitchError as exc:
+            outcome.message = exc.message
+            raise
+        finally:
+            outcome.phases = phases.durations
+            self.record({"kind": the_plan.kind.value, "deploy_id": deploy_id,
+                           "color": the_plan.target.value, "build": the_plan.build,
+                           "from": the_plan.old.value if the_plan.old else None,
+                           "outcome": "ok" if outcome.ok else "failed",
+                           "failed_phase": None if outcome.ok else _value(phases.current),
+                           "message": outcome.message, "phases": phases.durations,
+                           "warnings": outcome.warnings})
+        return outcome
+
+    def _steps(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
+               phases: Phases, outcome: Outcome) -> None:
+        target, old = the_plan.target, the_plan.old
+        with phases(Phase.cancel_timer):
+            self.sd.cancel(self.timer(target))
+        with phases(Phase.preflight):
+            self._preflight(target, path)
+        intent = Pending(target, Phase.start, deploy_id, the_plan.build)
+        with phases(Phase.start, "warm: already running" if the_plan.warm else ""):
+            state.save_state(self.env_dir, current.with_(pending=intent))
+            started = self._start(target, the_plan.build, path, warm=the_plan.warm)
+        with phases(Phase.health):
+            self._health_gate(target, started)
+        with phases(Phase.pre_switch):
+            self._hook("pre_switch", target, the_plan.build, path, abort=True)
+        with phases(Phase.switching):
+            switching = current.with_(pending=Pending(target, Phase.switching, deploy_id,
+                                                      the_plan.build))
+            state.save_state(self.env_dir, switching)
+            t0 = self.clock.now()
+            committed = self._committed(current, target, the_plan.build, deploy_id, t0)
+            self.router.switch(target, committed.fallback, committed.drain_until,
+                               committed.builds)
+        with phases(Phase.commit):
+            state.save_state(self.env_dir, committed)
+        with phases(Phase.watch):
+            self._watch(target, started, t0, current, the_plan.build)
+        with phases(Phase.schedule_retire):
+            if old is not None and committed.fallback is not None:
+                warning = self._schedule_retire(old, committed.fallback.until)
+                if warning:
+                    outcome.warnings.append(warning)
+        with phases(Phase.post_switch):
+            warning = self._hook("post_switch", target, the_plan.build, path, abort=False)
+            if warning:
+                outcome.warnings.append(warning)
+            self._move_boot_enable(target)
+        outcome.message = f"{the_plan.build} is live on {target}"
+        self.say(outcome.message)
+
+    def _clear_intent(self, target: Color) -> None:
+        """After an abort before the switch: nothing pending, the link as it now is."""
+        with contextlib.suppress(NeedsRepairError, OSError):
+            current = self.load_state()
+            if current.pending is not None and not current.pending.phase.past_switch:
+                builds_now = {**current.builds, target: self.linked_build(target)}
+                state.save_state(self.env_dir, current.with_(pending=None, builds=builds_now))
+
+    def _committed(self, current: State, target: Color, build: str, deploy_id: str,
+                   t0: float) -> State:
+        old = current.active if current.active != target else None
+        window = max(self.env.drain, self.env.watch + self.env.standby)
+        return current.with_(
+            active=target, previous=old if old is not None else current.previous,
+            builds={**current.builds, target: build}, pending=None,
+            fallback=Fallback(old, t0 + window) if old is not None else None,
+            drain_until=t0 + self.env.drain, deploy_id=deploy_id)
+
+    def _preflight(self, target: Color, path: Path) -> None:
+        if not path.is_dir():
+            raise AbortedError(f"build directory {path} is gone", f"see: ls {self.env.builds}")
+        unit = self.unit(target)
+        props = self.sd.show(unit, "LoadState")
+        if props["LoadState"] != "loaded":
+            raise AbortedError(f"{unit} is not loaded ({props['LoadState']})",
+                               f"run `alive-switch install {self.env.name}` first")
+
+    def _start(self, target: Color, build: str, path: Path, *, warm: bool) -> dict[str, str]:
+        unit = self.unit(target)
+        if not warm:
+            state.symlink_atomic(state.color_link(self.env_dir, target), path)
+            state.write_atomic(self.env_dir / f"{target.value}.env",
+                               f"ALIVE_SWITCH_BUILD={_env_quote(build)}\n".encode())
+            self.sd.reset_failed(unit)
+            try:
+                self.sd.restart(unit)
+            except SwitchError as exc:
+                self._stop_quietly(target)
+                raise AbortedError(f"{target} failed to start {build}: {exc.message}",
+                                   self.journal_hint(target)) from None
+        started = self.identity(target)
+        gone = self.gone(target, started)
+        if gone:
+            self._stop_quietly(target)
+            raise AbortedError(f"{target} failed to start {build}: {gone}; the live color "
+                               "still serves", self.journal_hint(target))
+        return started
+
+    def _health_gate(self, target: Color, started: dict[str, str]) -> None:
+        host, port = self.env.host, self.env.port(target)
+        result = health.wait_healthy(host, port, self.env.health,
+                                     still_running=lambda: self.gone(target, started),
+                                     sleep=self.clock.sleep)
+        if not result.ok:
+            self._stop_quietly(target)
+            where = health.url(host, port, self.env.health.path)
+            raise AbortedError(f"{target} failed its health check: GET {where} → "
+                               f"{result.detail}; {target} stopped, the live color still "
+                               "serves", self.journal_hint(target))
+
+    def _watch(self, target: Color, started: dict[str, str], t0: float, before: State,
+               build: str) -> None:
+        deadline = t0 + self.env.watch
+        interval = self.env.health.interval
+        with health.session() as client:
+            while (left := deadline - self.clock.now()) > 0:
+                problem = self.gone(target, started)
+                if not problem:
+                    probe = health.probe(self.env.host, self.env.port(target), self.env.health,
+                                         timeout=max(interval, 1.0), client=client)
+                    problem = "" if probe.ok else f"health check → {probe.detail}"
+                if problem:
+                    self._switch_back(target, before, build, problem)
+                self.clock.sleep(min(interval, left))
+
+    def _switch_back(self, target: Color, before: State, build: str, problem: str) -> None:
+        fallback = before.fallback if before.fallback and before.fallback.color != target else None
+        back = before.with_(builds={**before.builds, target: build}, pending=None,
+                            fallback=fallback)
+        state.save_state(self.env_dir, before.with_(pending=Pending(
+            before.active or target.other, Phase.switching, "switch-back", "")))
+        self.router.switch(back.active, back.fallback, back.drain_until, back.builds)
+        state.save_state(self.env_dir, back)
+        self._stop_quietly(target)
+        raise SwitchedBackError(
+            f"{target} failed during the watch ({problem}); switched back to "
+            f"{before.active} and stopped {target}", self.journal_hint(target))
+
+    def _schedule_retire(self, old: Color, until: float) -> str:
+        """Returns a warning, or "" when scheduled (or retired now)."""
+        delay = until - self.clock.now() + RETIRE_MARGIN
+        name = self.timer(old)
+        if self.env.standby == 0 and delay <= RETIRE_MARGIN:
+            self.sd.stop(self.unit(old))
+            self.say(f"retired {old} (standby = 0)")
+            return ""
+        self.sd.cancel(name)
+        argv = [*self_command(), "--config", os.path.abspath(self.cfg.path),
+                "retire", self.env.name, old.value]
+        try:
+            self.sd.schedule(name, max(delay, 0.1), argv)
+        except SwitchError as exc:
+            warning = (f"could not schedule the retirement of {old}: {exc.message}; it stays "
+                       f"up until `alive-switch retire {self.env.name} {old.value}`")
+            self.say(f"warning: {warning}")
+            return warning
+        self.say(f"{old} on standby; retires in {delay:.0f} s ({name}.timer)")
+        return ""
+
+    def _move_boot_enable(self, target: Color) -> None:
+        self.sd.enable(self.unit(target))
+        self.sd.disable(self.unit(target.other))
+
+    def _hook(self, name: str, color: Color, build: str, path: Path, *, abort: bool) -> str:
+        command = getattr(self.env, name)
+        if not command:
+            return ""
+        env = {**os.environ, **self.env.environment, "COLOR": color.value,
+               "HOST": self.env.host, "PORT": str(self.env.port(color)),
+               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
+        try:
+            done = subprocess.run(command, shell=True, cwd=path, env=env, text=True,  # noqa: S602 - the operator's own hook
+                                  capture_output=True, timeout=self.env.hook_timeout,
+                                  check=False)
+            failed = f"exit {done.returncode}" if done.returncode else ""
+            output = (done.stdout + done.stderr).strip()
+        except subprocess.TimeoutExpired:
+            failed, output = f"timed out after {self.env.hook_timeout:g} s", ""
+        for line in output.splitlines()[-20:]:
+            self.say(f"    {name}: {line}")
+        if not failed:
+            return ""
+        if abort:
+            self._stop_quietly(color)
+            raise AbortedError(f"{name} hook failed ({failed}): {command}; {color} stopped, "
+                               "the live color still serves", "fix the hook and deploy again")
+        return f"{name} hook failed ({failed}): {command}; traffic stays on {color}"
+
+    def _stop_quietly(self, color: Color) -> None:
+        with contextlib.suppress(SwitchError):
+            self.sd.stop(self.unit(color))
+
+    def record(self, record: dict[str, Any]) -> None:
+        record = {"time": round(self.clock.now(), 3), "env": self.env.name, **record}
+        with contextlib.suppress(OSError):
+            state.append_history(self.env_dir, record)
+
+
+def _why_not_retire(current: State, color: Color, now: float) -> str:
+    if current.serving() == color:
+        return "it is the live color"
+    if current.pending is not None and current.pending.target == color:
+        return "a deploy to it is pending"
+    fb = current.fallback
+    if fb is not None and fb.color == color and fb.open_at(now):
+        return f"it is the fallback for {fb.until - now:.0f} s more"
+    return ""
+
+
+def _usable_fallback(current: State, color: Color, now: float) -> bool:
+    return current.fallback_at(now) == color
+
+
+def _env_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def _value(phase: Phase | None) -> str | None:
+    return phase.value if phase else None
+
+
+def self_command() -> list[str]:
+    """How a timer runs this very alive-switch: an absolute path, never a PATH lookup."""
+    script = os.path.abspath(sys.argv[0])
+    if script.endswith(".py") or not os.access(script, os.X_OK):
+        return [sys.executable, "-m", "switcher"]
+    return [script]
+
+
+def repair(deployer: Deployer) -> list[str]:
+    """Rebuild ``state.json`` from the router's color, the color links and history."""
+    d = deployer
+    done: list[str] = []
+    with d.lock(f"repair {d.env.name}"):
+        try:
+            actual = serving(d.router.status())
+        except SwitchError as exc:
+            actual = None
+            done.append(f"router not reachable ({exc.message}); using history")
+        records = [r for r in state.read_history(d.env_dir)
+                   if r.get("kind") in ("deploy", "rollback") and r.get("outcome") == "ok"]
+        last = records[-1] if records else None
+        active = actual or (Color(last["color"]) if last else None)
+        previous = Color(last["from"]) if last and last.get("from") else None
+        if previous == active:
+            previous = None
+        repaired = State(active=active, previous=previous,
+                         builds={c: d.linked_build(c) for c in Color},
+                         deploy_id=str(last.get("deploy_id", "")) if last else "",
+                         updated=time.time())
+        if actual is None and active is not None:
+            d.router.switch(active, None, None, repaired.builds)
+            done.append(f"router switched to {active}")
+        state.save_state(d.env_dir, repaired)
+        done.append(f"state.json rewritten: live {_value_color(active)} "
+                    f"({repaired.builds.get(active) if active else '-'}), previous "
+                    f"{_value_color(previous)}, nothing pending")
+        d.record({"kind": "repair", "outcome": "ok", "color": _value_color(active)})
+    return done
+
+
+def _value_color(color: Color | None) -> str:
+    return color.value if color else "none"

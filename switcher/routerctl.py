@@ -1,0 +1,88 @@
+"""The CLI's side of the router's control socket (protocol: :mod:`switcher.router.control`),
+behind a small interface so the deploy logic can be tested with a fake router."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from switcher.errors import SwitchError
+from switcher.model import Color, Fallback
+
+CONTROL_TIMEOUT = 5.0
+
+
+class RouterError(SwitchError):
+    exit_code = 1
+
+
+class Router(Protocol):
+    def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]: ...
+    def switch(self, target: Color | None, fallback: Fallback | None,
+               drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]: ...
+    def set_fallback(self, fallback: Fallback | None) -> None: ...
+
+
+def serving(status: dict[str, Any]) -> Color | None:
+    value = status.get("serving")
+    return Color(value) if value else None
+
+
+def _fallback(fb: Fallback | None) -> dict[str, Any] | None:
+    return {"color": fb.color.value, "until": fb.until} if fb else None
+
+
+@dataclass
+class ControlSocket:
+    path: str
+    router_unit: str
+
+    def _request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        from switcher.router.control import request  # noqa: PLC0415
+
+        try:
+            reply = request(self.path, message, timeout)
+        except (OSError, ValueError) as exc:
+            raise RouterError(f"router control socket {self.path}: {exc}",
+                              f"is the router running? systemctl status {self.router_unit}; "
+                              f"journalctl -u {self.router_unit} -n 50") from None
+        if not reply.get("ok"):
+            raise RouterError(f"router refused {message.get('cmd')!r}: {reply.get('error')}",
+                              f"journalctl -u {self.router_unit} -n 50")
+        return reply
+
+    def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        return self._request({"cmd": "status"}, timeout)
+
+    def switch(self, target: Color | None, fallback: Fallback | None,
+               drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
+        return self._request({
+            "cmd": "switch", "target": target.value if target else None,
+            "fallback": _fallback(fallback), "drain_until": drain_until,
+            "builds": {c.value: b for c, b in builds.items()},
+        }, CONTROL_TIMEOUT)
+
+    def set_fallback(self, fallback: Fallback | None) -> None:
+        self._request({"cmd": "fallback", "fallback": _fallback(fallback)}, CONTROL_TIMEOUT)
+
+
+@dataclass
+class FakeRouter:
+    """Records switches, for unit tests of the deploy logic."""
+
+    active: Color | None = None
+    fallback: Fallback | None = None
+    switches: list[Color | None] = field(default_factory=list)
+
+    def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        return {"ok": True, "serving": self.active.value if self.active else None,
+                "inflight": {"blue": 0, "green": 0}}
+
+    def switch(self, target: Color | None, fallback: Fallback | None,
+               drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
+        self.active, self.fallback = target, fallback
+        self.switches.append(target)
+        return {"ok": True, "serving": target.value if target else None}
+
+    def set_fallback(self, fallback: Fallback | None) -> None:
+        self.fallback = fallback

@@ -1,0 +1,152 @@
+"""``status`` and ``history``: what serves, what runs, what happened. Read-only.
+
+``status --json`` (schema 1)::
+
+    {"schema": 1, "app": "alive", "env": "production",
+     "live": "green", "live_build": "b2", "previous": "blue",
+     "pending": null | {"target": .., "phase": .., "deploy_id": .., "build": ..},
+     "fallback": null | {"color": "blue", "until": 1790000000.0},
+     "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
+                "inflight": {"blue": 0, "green": 3}},
+     "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
+                         "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
+                         "health": "ok" | "failing: …" | "not running",
+                         "inflight": 0, "role": "live" | "standby" | "idle"}, "green": {..}},
+     "last": {history record} | null,
+     "state_error": null | "why state.json could not be read"}
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from switcher import health, state
+from switcher.config import Config, Environment
+from switcher.model import Color, State
+from switcher.render import color_unit, unit_names
+from switcher.routerctl import Router, RouterError
+from switcher.systemd import Systemd
+
+SCHEMA = 1
+PROBE_TIMEOUT = 1.0
+COLOR_PROPS = ("ActiveState", "SubState", "MainPID", "MemoryCurrent",
+               "ActiveEnterTimestampMonotonic")
+
+
+def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[str, Any]:
+    env_dir = cfg.env_dir(env)
+    state_error = None
+    try:
+        current = state.load_state(env_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        current, _ = state.load_state_lenient(env_dir)
+        state_error = f"{env_dir / state.STATE}: {exc}; run `alive-switch repair {env.name}`"
+    router_info = _router(sd, router, unit_names(cfg.app, env.name)["router"])
+    history = state.read_history(env_dir)
+    return {
+        "schema": SCHEMA, "app": cfg.app, "env": env.name,
+        "live": _v(current.active), "live_build": current.builds.get(current.active)
+        if current.active else None, "previous": _v(current.previous),
+        "pending": current.pending.to_json() if current.pending else None,
+        "fallback": current.to_json()["fallback"],
+        "router": router_info,
+        "colors": {c.value: _color(cfg, env, sd, current, c, router_info=router_info)
+                   for c in Color},
+        "last": next((r for r in reversed(history) if r.get("kind") != "reconcile"), None),
+        "state_error": state_error,
+    }
+
+
+def _v(color: Color | None) -> str | None:
+    return color.value if color else None
+
+
+def _router(sd: Systemd, router: Router, unit: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"unit": unit, "active": sd.show(unit, "ActiveState")["ActiveState"],
+                            "reachable": False, "serving": None, "inflight": {}}
+    if info["active"] != "active":
+        return info
+    try:
+        reply = router.status(timeout=PROBE_TIMEOUT)
+    except RouterError as exc:
+        info["error"] = exc.message
+        return info
+    info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}))
+    return info
+
+
+def _color(cfg: Config, env: Environment, sd: Systemd, current: State, color: Color, *,
+           router_info: dict[str, Any]) -> dict[str, Any]:
+    unit = color_unit(cfg.app, env.name, color)
+    props = sd.show(unit, *COLOR_PROPS)
+    running = props["ActiveState"] == "active"
+    entered = int(props.get("ActiveEnterTimestampMonotonic") or 0)
+    memory = props.get("MemoryCurrent", "")
+    role = ("live" if current.serving() == color
+            else "standby" if running and current.fallback_at(time.time()) == color
+            else "idle")
+    return {
+        "unit": unit, "state": props["ActiveState"], "sub": props["SubState"],
+        "build": current.builds.get(color), "pid": int(props["MainPID"] or 0) or None,
+        "memory_bytes": int(memory) if memory.isdigit() else None,
+        "uptime_s": round(time.monotonic() - entered / 1e6, 1) if running and entered else None,
+        "health": _health(env, color) if running else "not running",
+        "inflight": router_info["inflight"].get(color.value, 0), "role": role,
+    }
+
+
+def _health(env: Environment, color: Color) -> str:
+    probe = health.probe(env.host, env.port(color), env.health, PROBE_TIMEOUT)
+    return "ok" if probe.ok else f"failing: {probe.detail}"
+
+
+def render_table(info: dict[str, Any]) -> list[str]:
+    live = info["live"]
+    lines = [f"{info['app']}-{info['env']}: " + (
+        f"{live} serves {info['live_build']}" if live else "no live color yet")]
+    if info["state_error"]:
+        lines.append(f"  state: {info['state_error']}")
+    if info["pending"]:
+        p = info["pending"]
+        lines.append(f"  interrupted: {p['target']} at phase {p['phase']} (the next command "
+                     "reconciles it)")
+    r = info["router"]
+    lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
+                 + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
+                    "not answering)"))
+    rows: list[tuple[str, ...]] = [("", "blue", "green")]
+    for key, label in (("role", "role"), ("state", "unit"), ("build", "build"), ("pid", "pid"),
+                       ("memory_bytes", "memory"), ("uptime_s", "uptime"),
+                       ("health", "health"), ("inflight", "in flight")):
+        rows.append((label, *(_cell(key, info["colors"][c][key]) for c in ("blue", "green"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+              .rstrip() for row in rows]
+    last = info["last"]
+    if last:
+        lines.append(f"  last: {last.get('kind')} {last.get('build') or ''} → "
+                     f"{last.get('color') or ''}: {last.get('outcome')} "
+                     f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
+    return lines
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "memory_bytes":
+        return f"{value / 1048576:.1f} MiB"
+    if key == "uptime_s":
+        return f"{value:.0f} s"
+    return str(value)
+
+
+def history_lines(records: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.get("time", 0)))
+        phases = " ".join(f"{k}={v:.2f}s" for k, v in (r.get("phases") or {}).items())
+        what = f"{r.get('kind')} {r.get('build') or ''} → {r.get('color') or ''}".strip()
+        tail = f" [{r['message']}]" if r.get("outcome") != "ok" and r.get("message") else ""
+        lines.append(f"{when}  {what}: {r.get('outcome')}{tail}  {phases}".rstrip())
+    return lines

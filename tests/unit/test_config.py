@@ -1,0 +1,179 @@
+"""Every bad config is an error naming the file, the key and the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from switcher import config
+from switcher.errors import ConfigError
+
+GOOD = """\
+app = "alive"
+state_dir = "/var/lib/alive-switch"
+router_exec = "/usr/local/bin/alive-switch-router"
+
+[env.production]
+listen = 9000
+ports = { blue = 9001, green = 9002 }
+builds = "/srv/alive/builds/production"
+exec = "/usr/bin/node server.js"
+
+[env.production.health]
+path = "/api/health"
+
+[env.staging]
+listen = 8998
+ports = { blue = 8996, green = 8997 }
+builds = "/srv/alive/builds/staging"
+exec = "/usr/bin/node server.js"
+
+[env.staging.health]
+path = "/api/health"
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "alive-switch.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def load_error(tmp_path: Path, text: str) -> ConfigError:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert caught.value.path == path
+    assert path in str(caught.value)
+    assert caught.value.hint, "every config error says what to do next"
+    return caught.value
+
+
+def test_good_config_has_the_documented_defaults(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD))
+    env = cfg.environment("production")
+    assert (env.host, env.drain, env.watch, env.standby) == ("127.0.0.1", 10, 10, 600)
+    assert (env.health.timeout, env.health.interval, env.health.expect_status) == (60, 0.5, "2xx")
+    assert (env.unit.start_timeout, env.unit.stop_timeout, env.unit.restart_sec) == (60, 30, 10)
+    assert (env.unit.start_limit_burst, env.unit.start_limit_interval) == (3, 300)
+    assert (env.router.mode, env.router.backlog, env.router.max_connections) == (
+        "http", 4096, 10000)
+    assert (env.checks.disk_max_percent, env.checks.memory_min_mb) == (80, 500)
+    assert env.hook_timeout == 300
+    assert env.unit.hardening == "default"
+
+
+def test_example_config_loads() -> None:
+    cfg = config.load(str(Path(__file__).parents[2] / "examples/alive-switch.toml"),
+                      check_owner=False)
+    assert set(cfg.env) == {"production", "staging"}
+    assert cfg.environment("production").listen_port == 9000
+
+
+@pytest.mark.parametrize(("text", "key", "words"), [
+    ("app = [", "", "not valid TOML"),
+    (GOOD + "\n[env.production.unit]\nstart_timout = 5\n",
+     "env.production.unit.start_timout", "did you mean 'start_timeout'"),
+    (GOOD.replace('app = "alive"', 'ap = "alive"'), "ap", "did you mean 'app'"),
+    (GOOD.replace('app = "alive"\n', ""), "app", "missing required key"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"\n', "", 1), "env.production.exec",
+     "missing required key"),
+    (GOOD.replace("[env.production.health]\npath", "[env.production.health]\ntimeout = 3\n#"),
+     "env.production.health.path", "missing required key"),
+    (GOOD.replace("listen = 9000", "listen = 70000"), "env.production.listen", "1–65535"),
+    (GOOD.replace("blue = 9001", "blue = 0"), "env.production.ports.blue", "1–65535"),
+    (GOOD.replace("blue = 9001", "blue = 9002"), "env.production.ports", "share port"),
+    (GOOD.replace("blue = 9001", "blue = 9000"), "env.production.ports", "public port"),
+    (GOOD.replace("blue = 8996", "blue = 9001"), "env.staging.ports.blue", "also used"),
+    (GOOD.replace('app = "alive"', 'app = "al ive"'), "app", "unit-name part"),
+    (GOOD.replace('app = "alive"', 'app = "al@ive"'), "app", "unit-name part"),
+    (GOOD.replace("[env.staging]", '[env."st/g"]').replace("[env.staging.health]",
+                                                           '[env."st/g".health]'),
+     "env.st/g", "unit-name part"),
+    (GOOD.replace('builds = "/srv/alive/builds/production"', 'builds = "builds"'),
+     "env.production.builds", "not an absolute path"),
+    (GOOD.replace('state_dir = "/var/lib/alive-switch"', 'state_dir = "var"'), "state_dir",
+     "not an absolute path"),
+    (GOOD.replace('router_exec = "/usr/local/bin/alive-switch-router"',
+                  'router_exec = "alive-switch-router"'), "router_exec", "not an absolute path"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = ""', 1), "env.production.exec",
+     "empty command"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = "node server.js"', 1),
+     "env.production.exec", "not an absolute path"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = "-/usr/bin/node"', 1),
+     "env.production.exec", "systemd prefix"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = "+/usr/bin/node"', 1),
+     "env.production.exec", "systemd prefix"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = "@/usr/bin/node x"', 1),
+     "env.production.exec", "systemd prefix"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"', 'exec = "/usr/bin/node \\\\"', 1),
+     "env.production.exec", "backslash"),
+    (GOOD.replace('exec = "/usr/bin/node server.js"',
+                  'exec = "/usr/bin/node\\nExecStartPre=/bin/evil"', 1),
+     "env.production.exec", "newline"),
+    (GOOD.replace('path = "/api/health"', 'path = "api/health"', 1),
+     "env.production.health.path", "does not start with '/'"),
+    (GOOD.replace('path = "/api/health"', 'path = "/api/health"\ntimeout = 0', 1),
+     "env.production.health.timeout", "greater than 0"),
+    (GOOD.replace("listen = 9000", "listen = 9000\nwatch = -1"), "env.production.watch",
+     "greater than 0"),
+    (GOOD.replace("listen = 9000", "listen = 9000\nstandby = -5"), "env.production.standby",
+     "negative"),
+    (GOOD.replace("listen = 9000", 'listen = 9000\nenvironment = { A = "x\\ny" }'),
+     "env.production.environment.A", "newline"),
+    (GOOD.replace("listen = 9000", 'listen = "localhost:9000"'), "env.production.listen",
+     "ADDR:PORT"),
+    (GOOD.replace("listen = 9000", 'listen = 9000\ndrain = "ten"'), "env.production.drain",
+     "expected number"),
+    (GOOD + '\n[env.production.router]\nmode = "htp"\n', "env.production.router.mode",
+     "did you mean 'http'"),
+])
+def test_bad_config_is_refused_naming_key_and_fix(tmp_path: Path, text: str, key: str,
+                                                  words: str) -> None:
+    error = load_error(tmp_path, text)
+    assert error.key == key
+    assert words in str(error)
+
+
+def test_environment_file_must_be_root_owned_0600(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.env"
+    secret.write_text("TOKEN=x\n")
+    secret.chmod(0o644)
+    text = GOOD.replace("listen = 9000", f'listen = 9000\nenvironment_file = "{secret}"')
+    error = load_error(tmp_path, text)
+    assert error.key == "env.production.environment_file"
+    assert "0600" in str(error)
+    assert f"chmod 600 {secret}" in error.hint
+    secret.chmod(0o600)
+    assert config.load(write(tmp_path, text)).env["production"].environment_file == str(secret)
+    os.chown(secret, 65534, 65534)
+    assert "uid 65534" in str(load_error(tmp_path, text))
+
+
+def test_missing_environment_names_the_configured_ones(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match="production, staging") as caught:
+        cfg.environment("prod")
+    assert "production" in caught.value.hint
+
+
+def test_missing_file_says_how_to_create_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file") as caught:
+        config.load(str(tmp_path / "nope.toml"))
+    assert "ALIVE_SWITCH_CONFIG" in caught.value.hint
+
+
+def test_group_writable_config_or_directory_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    os.chmod(path, 0o664)
+    assert "writable by group or others" in str(load_error(tmp_path, GOOD))
+    os.chmod(path, 0o644)
+    tmp_path.chmod(0o777)
+    try:
+        assert "writable by group or others" in str(load_error(tmp_path, GOOD))
+    finally:
+        tmp_path.chmod(0o755)
+    os.chown(path, 65534, 0)
+    assert "not root" in str(load_error(tmp_path, GOOD))

@@ -1,0 +1,245 @@
+"""The deploy state machine against fakes of the outside world (systemctl, the router) and a
+real HTTP health endpoint. Every guarantee here is also proven against real systemd in
+tests/system."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from switcher import config, state
+from switcher.deploy import Deployer
+from switcher.errors import AbortedError, LockHeldError, SwitchedBackError, UsageError
+from switcher.model import Color, Pending, Phase
+from switcher.routerctl import FakeRouter
+from switcher.systemd import FakeSystemd
+from tests.ports import port_block
+
+LISTEN, BLUE, GREEN = port_block(__name__, 3)
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    status = {BLUE: 200, GREEN: 200}
+
+    def do_GET(self) -> None:
+        code = self.status[self.server.server_address[1]]
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def health_servers() -> Iterator[None]:
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", p), Health) for p in (BLUE, GREEN)]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    yield
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+@pytest.fixture(autouse=True)
+def healthy() -> Iterator[None]:
+    Health.status = {BLUE: 200, GREEN: 200}
+    yield
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Deployer, FakeSystemd, FakeRouter, list[str]]:
+    builds = tmp_path / "builds"
+    for name in ("b1", "b2", "b3"):
+        (builds / name).mkdir(parents=True)
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(f"""
+app = "unit"
+state_dir = "{tmp_path / 'state'}"
+router_exec = "/usr/local/bin/alive-switch-router"
+[env.prod]
+listen = {LISTEN}
+ports = {{ blue = {BLUE}, green = {GREEN} }}
+builds = "{builds}"
+exec = "/usr/bin/python3 server.py"
+drain = 0.2
+watch = 0.3
+standby = 30
+[env.prod.health]
+path = "/h"
+timeout = 1
+interval = 0.05
+""")
+    cfg = config.load(str(cfg_path))
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd, router, said = FakeSystemd(), FakeRouter(), []
+    return (Deployer(cfg, env, sd, router, say=said.append, run_dir=tmp_path / "run"),
+            sd, router, said)
+
+
+def test_first_deploy_goes_to_blue_and_enables_it(world) -> None:
+    d, sd, router, _ = world
+    outcome = d.deploy("b1", force=False, dry_run=False)
+    assert (outcome.ok, outcome.target) == (True, Color.blue)
+    assert router.switches == [Color.blue]
+    current = d.load_state()
+    assert (current.active, current.builds[Color.blue], current.pending) == (Color.blue, "b1",
+                                                                            None)
+    assert sd.units["unit-prod@blue.service"].enabled
+    assert not sd.timers, "nothing to retire on a first deploy"
+    assert Path(d.env_dir / "blue").resolve().name == "b1"
+
+
+def test_second_deploy_goes_to_green_and_schedules_blue_retirement(world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    assert router.switches == [Color.blue, Color.green]
+    current = d.load_state()
+    assert (current.active, current.previous) == (Color.green, Color.blue)
+    assert current.fallback is not None and current.fallback.color == Color.blue
+    after, argv = sd.timers["unit-prod-retire-blue"]
+    assert 29 < after < 31.5
+    assert argv[0].startswith("/")
+    assert argv[-5:] == ["--config", d.cfg.path, "retire", "prod", "blue"]
+    assert sd.units["unit-prod@blue.service"].active == "active", "blue stays on standby"
+    assert not sd.units["unit-prod@blue.service"].enabled
+    assert sd.units["unit-prod@green.service"].enabled
+
+
+def test_same_build_live_is_a_noop_unless_forced(world) -> None:
+    d, sd, router, said = world
+    d.deploy("b1", force=False, dry_run=False)
+    calls = len(sd.calls)
+    outcome = d.deploy("b1", force=False, dry_run=False)
+    assert outcome.ok and "already live" in outcome.message
+    assert router.switches == [Color.blue]
+    assert not [c for c in sd.calls[calls:] if c[0] in ("start", "stop", "restart")]
+    d.deploy("b1", force=True, dry_run=False)
+    assert router.switches == [Color.blue, Color.green]
+
+
+def test_unhealthy_build_aborts_before_the_switch(world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    Health.status[GREEN] = 503
+    with pytest.raises(AbortedError, match="green failed its health check") as caught:
+        d.deploy("b2", force=False, dry_run=False)
+    assert caught.value.exit_code == 3
+    assert "journalctl -u unit-prod@green.service" in caught.value.hint
+    assert router.switches == [Color.blue]
+    assert sd.units["unit-prod@green.service"].active == "inactive"
+    current = d.load_state()
+    assert (current.active, current.pending) == (Color.blue, None)
+    assert state.read_history(d.env_dir)[-1]["outcome"] == "failed"
+
+
+def test_a_build_that_dies_during_watch_is_switched_back(world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+
+    real_sleep = d.clock.sleep
+
+    def die_after_switch(seconds: float) -> None:
+        if router.active == Color.green:
+            sd.units["unit-prod@green.service"].main_pid = 99999  # systemd restarted it
+        real_sleep(seconds)
+
+    d.clock.sleep = die_after_switch
+    with pytest.raises(SwitchedBackError, match="restarted") as caught:
+        d.deploy("b2", force=False, dry_run=False)
+    assert caught.value.exit_code == 5
+    assert router.switches == [Color.blue, Color.green, Color.blue]
+    assert d.load_state().active == Color.blue
+    assert sd.units["unit-prod@green.service"].active == "inactive"
+
+
+def test_rollback_is_warm_and_a_second_one_goes_back(world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    restarts = [c for c in sd.calls if c == ("stop", "unit-prod@blue.service")]
+    outcome = d.rollback(dry_run=False)
+    assert (outcome.target, outcome.build) == (Color.blue, "b1")
+    assert [c for c in sd.calls if c == ("stop", "unit-prod@blue.service")] == restarts, \
+        "a warm rollback does not restart the standby color"
+    assert "unit-prod-retire-blue" not in sd.timers, "the rollback cancelled blue's timer"
+    assert "unit-prod-retire-green" in sd.timers
+    d.rollback(dry_run=False)
+    assert d.load_state().active == Color.green
+    assert router.switches[-2:] == [Color.blue, Color.green]
+
+
+def test_rollback_without_previous_is_a_usage_error(world) -> None:
+    d, *_ = world
+    d.deploy("b1", force=False, dry_run=False)
+    with pytest.raises(UsageError, match="nothing to roll back to"):
+        d.rollback(dry_run=False)
+
+
+def test_retire_refuses_live_and_fallback_colors(world) -> None:
+    d, sd, _, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    with pytest.raises(UsageError, match="live color"):
+        d.retire(Color.green)
+    with pytest.raises(UsageError, match="fallback"):
+        d.retire(Color.blue)
+    assert sd.units["unit-prod@blue.service"].active == "active"
+    d.clock.now = lambda: 10**10
+    d.retire(Color.blue)
+    assert sd.units["unit-prod@blue.service"].active == "inactive"
+    assert d.load_state().fallback is None
+
+
+def test_interrupted_switch_is_committed_when_the_router_serves_the_target(world) -> None:
+    d, _, router, said = world
+    d.deploy("b1", force=False, dry_run=False)
+    current = d.load_state()
+    state.save_state(d.env_dir, current.with_(
+        pending=Pending(Color.green, Phase.switching, "x", "b2")))
+    router.active = Color.green  # the killed run had switched the router
+    d.begin()
+    assert d.load_state().active == Color.green
+    assert any("finish the interrupted switch" in line for line in said)
+
+
+def test_interrupted_start_is_undone(world) -> None:
+    d, sd, router, said = world
+    d.deploy("b1", force=False, dry_run=False)
+    state.save_state(d.env_dir, d.load_state().with_(
+        pending=Pending(Color.green, Phase.health, "x", "b2")))
+    sd.start("unit-prod@green.service")
+    d.begin()
+    current = d.load_state()
+    assert (current.active, current.pending) == (Color.blue, None)
+    assert sd.units["unit-prod@green.service"].active == "inactive"
+    assert router.active == Color.blue
+
+
+def test_bad_build_names_change_nothing(world, tmp_path: Path) -> None:
+    d, sd, router, _ = world
+    (tmp_path / "outside").mkdir()
+    (Path(d.env.builds) / "escape").symlink_to(tmp_path / "outside")
+    (Path(d.env.builds) / "file").write_text("x")
+    for bad in ("../b1", "..", "a/b", str(tmp_path / "outside"), "missing", "escape", "file"):
+        with pytest.raises(UsageError):
+            d.deploy(bad, force=False, dry_run=False)
+    assert router.switches == []
+    assert not [c for c in sd.calls if c[0] in ("restart", "stop")]
+    assert not (d.env_dir / "blue").exists()
+
+
+def test_lock_held_is_refused_naming_the_holder(world) -> None:
+    d, *_ = world
+    with d.lock("deploy prod b9"), pytest.raises(LockHeldError, match="deploy prod b9") as c:
+        d.deploy("b1", force=False, dry_run=False)
+    assert c.value.exit_code == 4
