@@ -33,6 +33,7 @@ EXAMPLES = {
     "rollback": "alive-switch rollback production",
     "retire": "alive-switch retire production blue",
     "repair": "alive-switch repair production",
+    "check": "alive-switch check production\nalive-switch check production 2026-02-03.2",
     "status": "alive-switch status production\nalive-switch status production --json",
     "history": "alive-switch history production",
 }
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = command("retire", "stop COLOR unless it is live, pending or the fallback")
     p.add_argument("color", choices=[c.value for c in Color])
+    p = command("check", "pre-flight checks alone (exit 0: no failure; warnings never block)")
+    p.add_argument("build", nargs="?", metavar="BUILD", help="the build to check (default: "
+                   "the newest)")
     command("repair", "rebuild state.json from the router, the color links and history")
     p = command("status", "live color and build, each color's unit, health and traffic")
     p.add_argument("--json", action="store_true", help="JSON only on stdout (schema 1)")
@@ -163,6 +167,23 @@ def _status(cfg: config.Config, env: config.Environment, *, as_json: bool) -> in
     return 0
 
 
+def _check(d: Deployer, build_arg: str | None) -> int:
+    from switcher import builds, checks  # noqa: PLC0415
+
+    build = builds.resolve(d.env, build_arg)
+    live = d.load_state().active
+    target = live.other if live else Color.blue
+    print(f"checking {build.name} for {target} ({d.prefix}):")
+    results = d.preflight(target, live, build.path)
+    for result in results:
+        if result.level is checks.Level.ok:
+            print(f"    {result.line()}")
+    failed = checks.failures(results)
+    print(f"{len(failed)} failed, "
+          f"{sum(r.level is checks.Level.warning for r in results)} warnings")
+    return 3 if failed else 0
+
+
 def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
     from switcher import deploy  # noqa: PLC0415
 
@@ -176,6 +197,8 @@ def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespac
         outcome = d.rollback(dry_run=args.dry_run)
     elif args.command == "retire":
         outcome = d.retire(Color(args.color))
+    elif args.command == "check":
+        return _check(d, args.build)
     elif args.command == "repair":
         for line in deploy.repair(d):
             print(line)

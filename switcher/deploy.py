@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switcher import builds, health, plan, state
+from switcher import audit, builds, checks, health, plan, state
 from switcher.config import Config, Environment
 from switcher.errors import (
     AbortedError,
@@ -243,7 +243,7 @@ class Deployer:
                 self.say(f"stopped {self.unit(target)} (its deploy was interrupted)")
             builds_now = {**current.builds, target: self.linked_build(target)}
             current = current.with_(pending=None, builds=builds_now)
-        if actual != current.active:
+        if actual != current.active and current.active is not None:
             self.router.switch(current.active, current.fallback, current.drain_until,
                                current.builds)
             self.say(f"router switched back to {current.active}")
@@ -260,6 +260,7 @@ class Deployer:
         deploy_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         phases = Phases(self.say)
         outcome = Outcome(the_plan.kind.value, False, the_plan.target, the_plan.build)
+        result = "failed"
         self.say(f"{the_plan.kind} {the_plan.build} → {the_plan.target} "
                  f"(live now: {the_plan.old.value if the_plan.old else 'nothing'})")
         try:
@@ -270,6 +271,10 @@ class Deployer:
             outcome.message = exc.message
             self._clear_intent(the_plan.target)
             raise
+        except SwitchedBackError as exc:
+            outcome.message = exc.message
+            result = "switched-back"
+            raise
         except SwitchError as exc:
             outcome.message = exc.message
             raise
@@ -278,7 +283,7 @@ class Deployer:
             self.record({"kind": the_plan.kind.value, "deploy_id": deploy_id,
                            "color": the_plan.target.value, "build": the_plan.build,
                            "from": the_plan.old.value if the_plan.old else None,
-                           "outcome": "ok" if outcome.ok else "failed",
+                           "outcome": "ok" if outcome.ok else result,
                            "failed_phase": None if outcome.ok else _value(phases.current),
                            "message": outcome.message, "phases": phases.durations,
                            "warnings": outcome.warnings})
@@ -289,8 +294,9 @@ class Deployer:
         target, old = the_plan.target, the_plan.old
         with phases(Phase.cancel_timer):
             self.sd.cancel(self.timer(target))
+            current = self._withdraw_fallback(current, target)
         with phases(Phase.preflight):
-            self._preflight(target, path)
+            self._preflight(target, old, path)
         intent = Pending(target, Phase.start, deploy_id, the_plan.build)
         with phases(Phase.start, "warm: already running" if the_plan.warm else ""):
             state.save_state(self.env_dir, current.with_(pending=intent))
@@ -324,6 +330,15 @@ class Deployer:
         outcome.message = f"{the_plan.build} is live on {target}"
         self.say(outcome.message)
 
+    def _withdraw_fallback(self, current: State, target: Color) -> State:
+        """A color about to be (re)started or health-checked must not get fallback traffic."""
+        if current.fallback is None or current.fallback.color != target:
+            return current
+        self.router.set_fallback(None)
+        withdrawn = current.with_(fallback=None)
+        state.save_state(self.env_dir, withdrawn)
+        return withdrawn
+
     def _clear_intent(self, target: Color) -> None:
         """After an abort before the switch: nothing pending, the link as it now is."""
         with contextlib.suppress(NeedsRepairError, OSError):
@@ -342,14 +357,20 @@ class Deployer:
             fallback=Fallback(old, t0 + window) if old is not None else None,
             drain_until=t0 + self.env.drain, deploy_id=deploy_id)
 
-    def _preflight(self, target: Color, path: Path) -> None:
-        if not path.is_dir():
-            raise AbortedError(f"build directory {path} is gone", f"see: ls {self.env.builds}")
-        unit = self.unit(target)
-        props = self.sd.show(unit, "LoadState")
-        if props["LoadState"] != "loaded":
-            raise AbortedError(f"{unit} is not loaded ({props['LoadState']})",
-                               f"run `alive-switch install {self.env.name}` first")
+    def preflight(self, target: Color, live: Color | None, path: Path) -> list[checks.Check]:
+        subject = checks.Subject(self.cfg.app, self.env, self.sd, target, live, path)
+        results = checks.run_all(subject)
+        for result in results:
+            if result.level is not checks.Level.ok:
+                self.say(f"    {result.line()}")
+        return results
+
+    def _preflight(self, target: Color, live: Color | None, path: Path) -> None:
+        failed = checks.failures(self.preflight(target, live, path))
+        if failed:
+            raise AbortedError("pre-flight failed: " + "; ".join(
+                f"{c.name}: {c.detail}" for c in failed) + "; nothing was changed",
+                f"fix it, then deploy again (alive-switch check {self.env.name})")
 
     def _start(self, target: Color, build: str, path: Path, *, warm: bool) -> dict[str, str]:
         unit = self.unit(target)
@@ -400,12 +421,17 @@ class Deployer:
                 self.clock.sleep(min(interval, left))
 
     def _switch_back(self, target: Color, before: State, build: str, problem: str) -> None:
+        if before.active is None:
+            raise SwitchError(f"{target} failed during the watch ({problem}); this was the "
+                              f"first deploy, so there is no color to switch back to and "
+                              f"{target} keeps serving (systemd restarts it on failure)",
+                              self.journal_hint(target))
         fallback = before.fallback if before.fallback and before.fallback.color != target else None
         back = before.with_(builds={**before.builds, target: build}, pending=None,
                             fallback=fallback)
         state.save_state(self.env_dir, before.with_(pending=Pending(
-            before.active or target.other, Phase.switching, "switch-back", "")))
-        self.router.switch(back.active, back.fallback, back.drain_until, back.builds)
+            before.active, Phase.switching, "switch-back", "")))
+        self.router.switch(before.active, back.fallback, back.drain_until, back.builds)
         state.save_state(self.env_dir, back)
         self._stop_quietly(target)
         raise SwitchedBackError(
@@ -470,6 +496,7 @@ class Deployer:
         record = {"time": round(self.clock.now(), 3), "env": self.env.name, **record}
         with contextlib.suppress(OSError):
             state.append_history(self.env_dir, record)
+        audit.send(self.cfg.app, record)
 
 
 def _why_not_retire(current: State, color: Color, now: float) -> str:

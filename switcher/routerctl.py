@@ -18,7 +18,7 @@ class RouterError(SwitchError):
 
 class Router(Protocol):
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]: ...
-    def switch(self, target: Color | None, fallback: Fallback | None,
+    def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]: ...
     def set_fallback(self, fallback: Fallback | None) -> None: ...
 
@@ -42,6 +42,8 @@ class ControlSocket:
 
         try:
             reply = request(self.path, message, timeout)
+        except SwitchError as exc:
+            raise RouterError(exc.message, exc.hint) from None
         except (OSError, ValueError) as exc:
             raise RouterError(f"router control socket {self.path}: {exc}",
                               f"is the router running? systemctl status {self.router_unit}; "
@@ -54,10 +56,10 @@ class ControlSocket:
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         return self._request({"cmd": "status"}, timeout)
 
-    def switch(self, target: Color | None, fallback: Fallback | None,
+    def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
         return self._request({
-            "cmd": "switch", "target": target.value if target else None,
+            "cmd": "switch", "target": target.value,
             "fallback": _fallback(fallback), "drain_until": drain_until,
             "builds": {c.value: b for c, b in builds.items()},
         }, CONTROL_TIMEOUT)
@@ -72,17 +74,17 @@ class FakeRouter:
 
     active: Color | None = None
     fallback: Fallback | None = None
-    switches: list[Color | None] = field(default_factory=list)
+    switches: list[Color] = field(default_factory=list)
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         return {"ok": True, "serving": self.active.value if self.active else None,
                 "inflight": {"blue": 0, "green": 0}}
 
-    def switch(self, target: Color | None, fallback: Fallback | None,
+    def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
         self.active, self.fallback = target, fallback
         self.switches.append(target)
-        return {"ok": True, "serving": target.value if target else None}
+        return {"ok": True, "serving": target.value}
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self.fallback = fallback

@@ -18,6 +18,8 @@ differently (a test makes a "bad build" by dropping a file into it)::
     START_DELAY     seconds to wait before binding (a slow or hanging start)
     START_EXIT      exit at once with this code instead of serving (a build that fails)
     CRASH_AFTER     exit 1 this many seconds after it started serving (a build that crashes)
+    HEALTH_DELAY    seconds the health path takes to answer (a health check that times out)
+    UNHEALTHY_AFTER the health path answers 500 from this many seconds after serving began
     ACCESS_LOG      "1": log every request to stderr (off: it floods the journal under load)
 
 Endpoints (every response has Content-Length, so HTTP/1.1 keep-alive works)::
@@ -99,6 +101,8 @@ class Settings:
     start_delay: float
     start_exit: int | None
     crash_after: float | None
+    health_delay: float
+    unhealthy_after: float | None
     access_log: bool
 
     @classmethod
@@ -118,6 +122,8 @@ class Settings:
             start_delay=number("START_DELAY", 0.0) or 0.0,
             start_exit=None if start_exit is None else int(start_exit),
             crash_after=number("CRASH_AFTER"),
+            health_delay=number("HEALTH_DELAY", 0.0) or 0.0,
+            unhealthy_after=number("UNHEALTHY_AFTER"),
             access_log=setting("ACCESS_LOG", "") == "1",
         )
 
@@ -138,6 +144,7 @@ class AppServer(ThreadingHTTPServer):
         self.settings = settings
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self.stopping = False
+        self.started = time.monotonic()
         self._lock = threading.Lock()
         self._busy: dict[socket.socket, bool] = {}
         super().__init__((settings.host, settings.port), Handler)
@@ -203,7 +210,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         if url.path == self.server.settings.health_path:
-            self.send_json(self.server.identity(), self.server.settings.health_status)
+            self.send_health()
         elif url.path == "/":
             self.send_json(self.server.identity())
         elif url.path == "/slow":
@@ -232,6 +239,13 @@ class Handler(BaseHTTPRequestHandler):
             digest.update(chunk)
             remaining -= len(chunk)
         self.send_json({"sha256": digest.hexdigest(), "bytes": int(length)})
+
+    def send_health(self) -> None:
+        settings = self.server.settings
+        time.sleep(settings.health_delay)
+        sick = (settings.unhealthy_after is not None
+                and time.monotonic() - self.server.started > settings.unhealthy_after)
+        self.send_json(self.server.identity(), 500 if sick else settings.health_status)
 
     def send_json(self, value: object, status: int = HTTPStatus.OK) -> None:
         body = json.dumps(value).encode() + b"\n"

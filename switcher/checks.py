@@ -1,0 +1,223 @@
+"""Pre-flight checks: one line each, ok / warning / failed, and why.
+
+Run by ``check ENV`` and by every deploy before it touches the idle color. Warnings never
+block (a sick live color is exactly when a fix must deploy); a failure aborts with exit 3.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from switcher import health
+from switcher.config import Environment
+from switcher.model import Color
+from switcher.render import color_unit, unit_names
+from switcher.systemd import Systemd
+
+
+class Level(enum.StrEnum):
+    ok = "ok"
+    warning = "warning"
+    failed = "failed"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.level.value:<8} {self.name}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is being checked: the environment, its units, the idle color and the build."""
+
+    app: str
+    env: Environment
+    sd: Systemd
+    target: Color
+    live: Color | None
+    build: Path
+
+    def unit(self, color: Color) -> str:
+        return color_unit(self.app, self.env.name, color)
+
+
+def run_all(subject: Subject) -> list[Check]:
+    return [check(subject) for check in CHECKS]
+
+
+def failures(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.level is Level.failed]
+
+
+def units_loaded(s: Subject) -> Check:
+    names = unit_names(s.app, s.env.name)
+    wanted = [names["socket"], names["router"], s.unit(Color.blue), s.unit(Color.green)]
+    missing = [u for u in wanted if s.sd.show(u, "LoadState")["LoadState"] != "loaded"]
+    if missing:
+        return Check("units", Level.failed, f"not loaded: {', '.join(missing)}; run "
+                     f"`alive-switch install {s.env.name}`")
+    return Check("units", Level.ok, "installed and loaded")
+
+
+def socket_held(s: Subject) -> Check:
+    unit = unit_names(s.app, s.env.name)["socket"]
+    props = s.sd.show(unit, "ActiveState", "UnitFileState", "Listen")
+    if props["ActiveState"] != "active":
+        return Check("socket", Level.failed, f"{unit} is {props['ActiveState']}; run "
+                     f"`systemctl start {unit}` (or `alive-switch install {s.env.name}`)")
+    if props["UnitFileState"] != "enabled":
+        return Check("socket", Level.warning, f"{unit} is not enabled: after a reboot nothing "
+                     f"listens; run `systemctl enable {unit}`")
+    holders = _listeners(s.env.listen_port)
+    foreign = [p for p in holders if p.pid != 1]
+    if foreign and not any(p.pid == 1 for p in holders):
+        return Check("socket", Level.failed, f"port {s.env.listen_port} is held by "
+                     f"{_describe(foreign[0])}, not by systemd")
+    return Check("socket", Level.ok, f"{unit} active, enabled, {props['Listen']} held by "
+                 "systemd")
+
+
+def idle_port_free(s: Subject) -> Check:
+    port = s.env.port(s.target)
+    ours = _unit_pids(s.sd, s.unit(s.target))
+    foreign = [p for p in _listeners(port) if p.pid not in ours]
+    if foreign:
+        return Check("port", Level.failed, f"{s.target}'s port {port} is held by "
+                     f"{_describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
+    if _listeners(port):
+        return Check("port", Level.ok, f"{port} held by {s.target} itself (it restarts)")
+    problem = _try_bind(s.env.host, port)
+    if problem:
+        return Check("port", Level.failed, f"{s.target}'s port {port} cannot be bound: "
+                     f"{problem}")
+    return Check("port", Level.ok, f"{port} is free")
+
+
+def colors_not_failed(s: Subject) -> Check:
+    stuck = []
+    for color in Color:
+        props = s.sd.show(s.unit(color), "ActiveState", "Result")
+        if props["ActiveState"] == "failed":
+            stuck.append(f"{s.unit(color)} ({props['Result']})")
+    if stuck:
+        return Check("restart loops", Level.warning, f"failed: {', '.join(stuck)}; clear with "
+                     "`systemctl reset-failed UNIT` (a deploy resets the idle color itself)")
+    return Check("restart loops", Level.ok, "no color unit failed or in start-limit-hit")
+
+
+def disk_space(s: Subject) -> Check:
+    usage = shutil.disk_usage(s.env.builds)
+    percent = 100 * usage.used / usage.total
+    limit = s.env.checks.disk_max_percent
+    level = Level.failed if percent >= limit else Level.ok
+    return Check("disk", level, f"{s.env.builds} filesystem {percent:.0f}% used (limit "
+                 f"{limit:g}%)" + ("; free space or raise checks.disk_max_percent"
+                                   if level is Level.failed else ""))
+
+
+def memory(s: Subject) -> Check:
+    available = psutil.virtual_memory().available / 1048576
+    limit = s.env.checks.memory_min_mb
+    level = Level.failed if available < limit else Level.ok
+    return Check("memory", level, f"{available:.0f} MB available (minimum {limit:g} MB)"
+                 + ("; a second color needs room" if level is Level.failed else ""))
+
+
+def build_ready(s: Subject) -> Check:
+    if not s.build.is_dir():
+        return Check("build", Level.failed, f"{s.build} is not a directory")
+    marker = s.env.ready_marker
+    if marker and not (s.build / marker).exists():
+        return Check("build", Level.failed, f"{s.build} has no {marker}")
+    return Check("build", Level.ok, f"{s.build}" + (f" ({marker} present)" if marker else ""))
+
+
+def user_can_read(s: Subject) -> Check:
+    user = s.env.user
+    if not user:
+        return Check("user", Level.ok, "runs as root (no user set)")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return Check("user", Level.failed, f"user {user!r} does not exist; create it or fix "
+                     f"env.{s.env.name}.user")
+    done = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}",
+                           "--init-groups", "test", "-r", str(s.build), "-a", "-x",
+                           str(s.build)], capture_output=True, check=False)
+    if done.returncode != 0:
+        return Check("user", Level.failed, f"{user} cannot read {s.build}; fix its "
+                     "permissions")
+    return Check("user", Level.ok, f"{user} can read {s.build}")
+
+
+def live_health(s: Subject) -> Check:
+    if s.live is None:
+        return Check("live", Level.ok, "no live color yet")
+    result = health.probe(s.env.host, s.env.port(s.live), s.env.health, timeout=2.0)
+    if result.ok:
+        return Check("live", Level.ok, f"{s.live} is healthy ({result.detail})")
+    return Check("live", Level.warning, f"{s.live} is unhealthy ({result.detail}); deploying "
+                 "anyway: a sick live color is when a fix must go out")
+
+
+CHECKS: list[Callable[[Subject], Check]] = [
+    units_loaded, socket_held, idle_port_free, colors_not_failed, disk_space, memory,
+    build_ready, user_can_read, live_health,
+]
+
+
+def _listeners(port: int) -> list[psutil.Process]:
+    found = {}
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port \
+                and conn.pid:
+            try:
+                found[conn.pid] = psutil.Process(conn.pid)
+            except psutil.NoSuchProcess:
+                continue
+    return list(found.values())
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        command = " ".join(process.cmdline()) or process.name()
+        return f"PID {process.pid} ({process.name()}: {command})"
+    except psutil.Error:
+        return f"PID {process.pid}"
+
+
+def _unit_pids(sd: Systemd, unit: str) -> set[int]:
+    main = int(sd.show(unit, "MainPID")["MainPID"] or 0)
+    if not main:
+        return set()
+    try:
+        return {main, *(c.pid for c in psutil.Process(main).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _try_bind(host: str, port: int) -> str:
+    """Bind as the app would (SO_REUSEADDR): server-side TIME_WAIT does not block that."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+    return ""
