@@ -188,14 +188,26 @@ class Deployer:
                 raise UsageError(f"not retiring {color}: {reason}",
                                  "nothing to do; a later deploy schedules its retirement")
             self.sd.stop(self.unit(color))
+            warnings = self._stop_warnings(color)
             if current.fallback and current.fallback.color == color:
                 self.router.set_fallback(None)
                 state.save_state(self.env_dir, current.with_(fallback=None))
             message = f"retired {color} ({self.unit(color)} stopped)"
             self.say(message)
             self.record({"kind": "retire", "color": color.value, "outcome": "ok",
-                           "build": current.builds.get(color)})
-            return Outcome("retire", True, color, current.builds.get(color) or "", message)
+                         "build": current.builds.get(color), "warnings": warnings})
+            return Outcome("retire", True, color, current.builds.get(color) or "", message,
+                           warnings=warnings)
+
+    def _stop_warnings(self, color: Color) -> list[str]:
+        """A stop that ran out of time ended in SIGKILL: the app lost its graceful exit."""
+        result = self.sd.show(self.unit(color), "Result")["Result"]
+        if result not in ("timeout", "signal"):
+            return []
+        warning = (f"{self.unit(color)} did not stop within unit.stop_timeout "
+                   f"({self.env.unit.stop_timeout:g} s) and was killed (result {result})")
+        self.say(f"warning: {warning}")
+        return [warning]
 
     def _dry_run(self, build_arg: str | None, force: bool) -> Outcome:
         build = builds.resolve(self.env, build_arg)
@@ -306,6 +318,7 @@ class Deployer:
         with phases(Phase.pre_switch):
             self._hook("pre_switch", target, the_plan.build, path, abort=True)
         with phases(Phase.switching):
+            self._still_healthy_process(target, started)
             switching = current.with_(pending=Pending(target, Phase.switching, deploy_id,
                                                       the_plan.build))
             state.save_state(self.env_dir, switching)
@@ -404,6 +417,14 @@ class Deployer:
             raise AbortedError(f"{target} failed its health check: GET {where} → "
                                f"{result.detail}; {target} stopped, the live color still "
                                "serves", self.journal_hint(target))
+
+    def _still_healthy_process(self, target: Color, started: dict[str, str]) -> None:
+        """The process that passed the gate must be the one that gets traffic."""
+        gone = self.gone(target, started)
+        if gone:
+            self._stop_quietly(target)
+            raise AbortedError(f"{target} died before the switch: {gone}; {target} stopped, "
+                               "the live color still serves", self.journal_hint(target))
 
     def _watch(self, target: Color, started: dict[str, str], t0: float, before: State,
                build: str) -> None:

@@ -20,6 +20,7 @@ differently (a test makes a "bad build" by dropping a file into it)::
     CRASH_AFTER     exit 1 this many seconds after it started serving (a build that crashes)
     HEALTH_DELAY    seconds the health path takes to answer (a health check that times out)
     UNHEALTHY_AFTER the health path answers 500 from this many seconds after serving began
+    IGNORE_SIGTERM  "1": ignore SIGTERM (a build systemd must SIGKILL at stop_timeout)
     ACCESS_LOG      "1": log every request to stderr (off: it floods the journal under load)
 
 Endpoints (every response has Content-Length, so HTTP/1.1 keep-alive works)::
@@ -307,6 +308,9 @@ def serve(settings: Settings) -> int:
         f"on {settings.host}:{settings.port}"
     )
     received = wait_for_stop(settings.crash_after)
+    while received is not None and setting("IGNORE_SIGTERM", "") == "1":
+        log(f"IGNORE_SIGTERM: ignoring {received.name}")
+        received = wait_for_stop(settings.crash_after)
     if received is None:
         log(f"CRASH_AFTER: crashing {settings.crash_after} s after it started serving")
         os._exit(1)

@@ -37,6 +37,7 @@ standby = {standby}
 path = "/api/health"
 timeout = {health_timeout}
 interval = 0.1
+{health_extra}
 
 [env.{env}.unit]
 stop_timeout = 5
@@ -85,8 +86,11 @@ class Env:
         mode: str = "tcp",
         extra: str = "",
         unit_extra: str = "",
+        health_extra: str = "",
         listen: str | None = None,
+        also: str = "",
     ) -> None:
+        """Write the config; ``also`` is appended (e.g. another environment's tables)."""
         self.builds.mkdir(parents=True, exist_ok=True)
         self.home.chmod(0o755)
         body = ENV_BODY.format(
@@ -104,8 +108,10 @@ class Env:
             mode=mode,
             extra=extra,
             unit_extra=unit_extra,
+            health_extra=health_extra,
         )
-        self.config.write_text(f'app = "{self.app}"\nrouter_exec = "{ROUTER}"\n\n{body}')
+        self.config.write_text(
+            f'app = "{self.app}"\nrouter_exec = "{ROUTER}"\n\n{body}\n{also}')
 
     def make_build(self, name: str, **settings: str) -> Path:
         """A build directory; ``settings`` become files the sample app reads (START_DELAY…)."""

@@ -267,8 +267,8 @@ def run_color(colors: dict[str, EchoColor], r: Router, color: Color) -> EchoColo
 # -- starting ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("env", "why"), [
-    ({}, "LISTEN_FDS is not set"),
-    ({"LISTEN_FDS": "1", "LISTEN_PID": "1"}, "meant for PID 1"),
+    pytest.param({}, "LISTEN_FDS is not set", id="no-LISTEN_FDS"),
+    pytest.param({"LISTEN_FDS": "1", "LISTEN_PID": "1"}, "meant for PID 1", id="other-PID"),
 ])
 def test_refuses_to_start_without_a_passed_socket(tmp: Path, env: dict[str, str],
                                                   why: str) -> None:
@@ -404,6 +404,12 @@ def test_fallback_only_when_the_live_color_refuses_and_its_window_is_open(
     with connect(r.port) as sock:
         assert closed_by_peer(sock)  # window closed: no fallback
     assert r.control({"cmd": "fallback", "fallback": None}) == {"ok": True, "fallback": None}
+    with connect(r.port) as sock:
+        assert closed_by_peer(sock)
+    # A window naming the serving color is accepted and never used; blue, though up, is
+    # not the fallback any more, so it gets nothing.
+    assert r.control({"cmd": "fallback", "fallback": {"color": "green",
+                                                      "until": time.time() + 60}})["ok"]
     with connect(r.port) as sock:
         assert closed_by_peer(sock)
 
@@ -633,11 +639,11 @@ def test_control_protocol(router: Callable[..., Router]) -> None:
         "not json": "not JSON",
         "[1, 2]": "one JSON object",
         '{"cmd": "switch", "target": "red"}': "target: expected one of blue, green",
-        '{"cmd": "switch", "target": "green", "fallback": {"color": "green", "until": 9}}':
-            "must not be the target",
+        '{"cmd": "switch", "target": "green", "fallback": {"color": "blue"}}':
+            "fallback: expected null or",
         '{"cmd": "switch", "target": "green", "drain_until": "soon"}': "drain_until",
         '{"cmd": "fallback"}': '"fallback" is required',
-        '{"cmd": "fallback", "fallback": {"color": "blue", "until": 9}}': "blue is serving",
+        '{"cmd": "fallback", "fallback": {"color": "blue", "until": "9"}}': "fallback.until",
     }
     with socket.socket(socket.AF_UNIX) as sock:  # several requests on one connection
         sock.connect(r.control_path)
@@ -696,14 +702,16 @@ def test_control_socket_rejects_peers_that_are_neither_root_nor_in_control_group
     assert r.control({"cmd": "status"})["ok"] is True  # root may
 
 
-@pytest.mark.parametrize("groups", [["--clear-groups"], ["--groups=65534"]])
+@pytest.mark.parametrize("who", [
+    pytest.param([*AS_NOBODY, "--clear-groups"], id="primary-group"),
+    pytest.param(["setpriv", "--reuid=65534", "--regid=1", "--groups=65534"],
+                 id="supplementary-group"),
+])
 def test_control_group_members_may_use_the_control_socket(
-        router: Callable[..., Router], tmp: Path, groups: list[str]) -> None:
+        router: Callable[..., Router], tmp: Path, who: list[str]) -> None:
     tmp.chmod(0o755)
     r = router(state=blue_live(), control_group="nogroup")
     assert os.stat(r.control_path).st_gid == 65534
-    who = [*AS_NOBODY, *groups] if groups == ["--clear-groups"] else [
-        "setpriv", "--reuid=65534", "--regid=1", *groups]  # only a supplementary group
     answer = ask_as(who, r.control_path)
     assert answer.get("ok") is True, answer
     assert answer["serving"] == "blue"

@@ -1,0 +1,1 @@
+# Type stubs for systemd-python (ships no type information): only what alive-switch uses.

@@ -1,0 +1,352 @@
+"""The router's control socket, and :func:`request`, the client the CLI uses to talk to it.
+
+A Unix stream socket (``RouterSettings.control_socket``, mode 0660, group ``control_group``
+if set). Each request is one JSON object on one line; each answer is one JSON object on one
+line; a connection may carry several requests in turn. Peers other than root or members of
+``control_group`` (checked with SO_PEERCRED / SO_PEERGROUPS) get ``{"ok": false, ...}``.
+
+    → {"cmd": "status"}
+    ← {"ok": true, "pid": 4242, "app": "alive", "env": "production", "mode": "tcp",
+       "serving": "green", "fallback": {"color": "blue", "until": 1790000600.0},
+       "fallback_open": "blue", "inflight": {"blue": 3, "green": 12},
+       "total": {"blue": 812, "green": 95}, "errors": {"blue": 0, "green": 0},
+       "builds": {"blue": "b1", "green": "b2"}, "state_source": "state.json",
+       "drain_until": 1790000010.0, "switched_at": 1790000000.0, "stopping": false}
+    → {"cmd": "switch", "target": "green", "fallback": {"color": "blue", "until": <epoch>},
+       "drain_until": <epoch>, "builds": {"green": "b2"}}
+    ← {"ok": true, "serving": "green", "previous": "blue", "switched_at": <epoch>}
+    → {"cmd": "fallback", "fallback": null}
+    ← {"ok": true, "fallback": null}
+    → {"cmd": "reload"}
+    ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
+    → anything else
+    ← {"ok": false, "error": "unknown cmd 'foo'; one of: fallback, reload, status, switch"}
+
+``switch`` answers once every new connection goes to ``target``; open connections stay
+where they are until ``drain_until``, when those on other colors are cut. Its ``fallback``
+and ``drain_until`` describe the new timeline whole: left out, they are null. ``builds``
+is merged into what the router knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from switcher.errors import SwitchError
+from switcher.model import Color, Fallback
+from switcher.router.activation import log
+
+# Linux's SO_PEERGROUPS (asm-generic value), which the socket module does not export.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+LINE_LIMIT = 64 * 1024
+
+Reply = dict[str, Any]
+
+
+class ControlSocketError(SwitchError):
+    """The router could not create its control socket."""
+
+
+class ControlError(SwitchError):
+    """The CLI could not get an answer from the router."""
+
+
+class RouterUnreachableError(ControlError):
+    """Nothing listens on the control socket: the router is not running."""
+
+
+class BadRequestError(Exception):
+    pass
+
+
+class Commands(Protocol):
+    """What the control socket drives (:class:`switcher.router.server.Router`)."""
+
+    def status(self) -> Reply: ...
+    def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
+               builds: dict[Color, str | None]) -> Reply: ...
+    def set_fallback(self, fallback: Fallback | None) -> Reply: ...
+    def reload(self) -> Reply: ...
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+def dispatch(commands: Commands, line: bytes) -> Reply:
+    """Answer one request line; never raises."""
+    try:
+        message = json.loads(line)
+        return _handler(message)(commands, message)
+    except ValueError as e:
+        return {"ok": False, "error": f"not JSON: {e}"}
+    except (BadRequestError, SwitchError) as e:
+        return {"ok": False, "error": str(e)}
+    except Exception as e:
+        log("err", f"control request {line[:200]!r} failed: {e!r}")
+        return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+def _handler(message: object) -> Callable[[Commands, dict[str, Any]], Reply]:
+    if not isinstance(message, dict):
+        raise BadRequestError("a request is one JSON object on one line")
+    cmd = message.get("cmd")
+    handler = HANDLERS.get(cmd) if isinstance(cmd, str) else None
+    if handler is None:
+        raise BadRequestError(f"unknown cmd {cmd!r}; one of: {', '.join(sorted(HANDLERS))}")
+    return handler
+
+
+def _status(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.status()
+
+
+def _switch(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.switch(_color(message.get("target"), "target"),
+                           _fallback(message.get("fallback")),
+                           _epoch(message.get("drain_until"), "drain_until"),
+                           _builds(message.get("builds")))
+
+
+def _set_fallback(commands: Commands, message: dict[str, Any]) -> Reply:
+    if "fallback" not in message:
+        raise BadRequestError('"fallback" is required: null or {"color": ..., "until": <epoch>}')
+    return commands.set_fallback(_fallback(message["fallback"]))
+
+
+def _reload(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.reload()
+
+
+HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
+    "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
+}
+
+
+def _color(value: object, name: str) -> Color:
+    if isinstance(value, str) and value in Color.__members__:
+        return Color(value)
+    raise BadRequestError(f"{name}: expected one of {', '.join(Color)}, got {value!r}")
+
+
+def _epoch(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise BadRequestError(f"{name}: expected a Unix time in seconds or null, got {value!r}")
+
+
+def _fallback(value: object) -> Fallback | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"color", "until"}:
+        raise BadRequestError(f'fallback: expected null or {{"color": ..., "until": <epoch>}}, '
+                         f"got {value!r}")
+    until = _epoch(value["until"], "fallback.until")
+    if until is None:
+        raise BadRequestError("fallback.until: expected a Unix time in seconds, got null")
+    return Fallback(_color(value["color"], "fallback.color"), until)
+
+
+def _builds(value: object) -> dict[Color, str | None]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequestError(f'builds: expected an object like {{"green": "b2"}}, '
+                              f"got {value!r}")
+    builds: dict[Color, str | None] = {}
+    for color, build in value.items():
+        if build is not None and not isinstance(build, str):
+            raise BadRequestError(f"builds.{color}: expected a build name or null, got {build!r}")
+        builds[_color(color, "builds")] = build
+    return builds
+
+
+# -- who may ask -------------------------------------------------------------------------------
+
+def refusal(sock: Any, gid: int | None, group: str) -> str | None:
+    """Why the peer of ``sock`` may not use the control socket, or None if it may."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, primary = struct.unpack("3i", creds)
+    if uid == 0 or (gid is not None and (primary == gid or gid in _peer_groups(sock))):
+        return None
+    allowed = f"root or a member of group {group!r}" if group else "root"
+    return f"permission denied: pid {pid} (uid {uid}) is not {allowed}"
+
+
+def _peer_groups(sock: Any) -> set[int]:
+    for count in (256, 65536):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            return set()
+        return set(struct.unpack(f"{len(raw) // 4}I", raw))
+    return set()
+
+
+# -- the server --------------------------------------------------------------------------------
+
+class ControlServer:
+    def __init__(self, path: Path, gid: int | None, group: str, commands: Commands) -> None:
+        self.path = path
+        self.gid = gid
+        self.group = group
+        self.commands = commands
+        self.server: asyncio.AbstractServer | None = None
+        self.inode = 0
+
+    async def start(self) -> None:
+        sock = _bind(self.path, self.gid)
+        self.inode = self.path.stat().st_ino
+        self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=LINE_LIMIT)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self.inode:  # not a newer router's socket
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        denied = refusal(writer.get_extra_info("socket"), self.gid, self.group)
+        try:
+            while line := await reader.readline():
+                if not line.strip():
+                    continue
+                reply = ({"ok": False, "error": denied} if denied
+                         else dispatch(self.commands, line))
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+                if denied:
+                    break
+        except ValueError:  # a line beyond LINE_LIMIT
+            writer.write(b'{"ok": false, "error": "request line too long"}\n')
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+async def open_control(path: str, group: str, commands: Commands) -> ControlServer:
+    """Create the control socket and serve it; raises ControlSocketError."""
+    gid = None
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ControlSocketError(f"control_group {group!r} does not exist",
+                                     f"create it (groupadd {group}) or change control_group"
+                                     ) from None
+    server = ControlServer(Path(path), gid, group, commands)
+    try:
+        await server.start()
+    except OSError as e:
+        raise ControlSocketError(f"cannot create the control socket {path}: {e}",
+                                 "check that the router runs as root") from e
+    return server
+
+
+def _bind(path: Path, gid: int | None) -> socket.socket:
+    """Bind under a temporary name, set mode and group, then rename into place: the socket
+    is never reachable with looser permissions."""
+    _makedirs(path.parent)
+    if _answers(path):
+        raise ControlSocketError(f"another router already answers on {path}",
+                                 f"systemctl status {path.parent.name}.service")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o660)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
+        os.replace(tmp, path)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return sock
+
+
+def _makedirs(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    _makedirs(directory.parent)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir()
+        directory.chmod(0o755)  # whatever the umask
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+# -- the client --------------------------------------------------------------------------------
+
+def request(path: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Send one request to the router at ``path``; return its answer (``ok`` may be false).
+
+    Raises RouterUnreachableError when no router listens there, ControlError when it cannot be
+    asked (permission) or does not answer within ``timeout`` seconds.
+    """
+    unit = f"{Path(path).parent.name}.service"
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            line = _read_line(sock, deadline)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise RouterUnreachableError(f"the router is not running: {path}: {e.strerror}",
+                                    f"systemctl start {unit}") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}",
+                               "run as root or as a member of the environment's control_group"
+                               ) from None
+        except TimeoutError:
+            raise ControlError(f"no answer from the router on {path} within {timeout:g} s",
+                               f"systemctl status {unit}") from None
+        except OSError as e:
+            raise ControlError(f"talking to the router on {path} failed: {e}",
+                               f"systemctl status {unit}") from None
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ControlError(f"the router on {path} answered {line[:200]!r}, not a JSON object",
+                           f"journalctl -u {unit} -n 50")
+    return answer
+
+
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "closed without an answer")
+        buf += chunk
+    return bytes(buf[:buf.index(b"\n")])

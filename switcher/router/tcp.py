@@ -1,0 +1,251 @@
+"""One forwarded connection: bytes both ways between a client and a color.
+
+    client ⇄ Link ─────── Upstream ⇄ color (host, port)
+             (client side, owns the connection's state)
+
+Each side writes what it reads straight into the other side's transport: asyncio Protocols,
+not streams, so a chunk costs one callback and one ``write``. Flow control: when one side's
+write buffer is full, the other side stops reading until it drains. Half-close: EOF from one
+side becomes ``write_eof`` on the other, and both close once both directions have ended.
+Until the color accepts, the client's first bytes are held back: nothing has gone upstream,
+so a refused connection can still be sent to the fallback color.
+
+Both uvloop and asyncio set TCP_NODELAY on every TCP transport they create or accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, cast
+
+from switcher.model import Color
+
+# Colors listen on the same host: a connect either completes or is refused at once, unless
+# the color is stuck (its accept queue full), where the kernel would retry SYNs for minutes.
+CONNECT_TIMEOUT = 10.0
+# Client bytes held while the color connects; beyond this the client is not read further.
+HOLD_LIMIT = 256 * 1024
+# After turning a client away, seconds to wait for its EOF before closing (see refuse()).
+LINGER = 2.0
+
+
+def http_error(status: str, text: str) -> bytes:
+    body = f"{text}\n".encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
+TOO_MANY = http_error("503 Service Unavailable", "too many connections")
+UNREACHABLE = http_error("502 Bad Gateway", "the live color could not be reached")
+
+
+class Routes(Protocol):
+    """What a connection asks of the router (:class:`switcher.router.server.Router`)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def admit(self, link: Link) -> None: ...
+    def retry(self, link: Link) -> tuple[str, int] | None: ...
+    def connected(self, link: Link) -> None: ...
+    def failed(self, link: Link) -> None: ...
+    def closed(self, link: Link) -> None: ...
+
+
+class Link(asyncio.Protocol):
+    """The client side of one connection. The router sets ``color`` and ``tried``."""
+
+    __slots__ = ("client_eof", "closing", "color", "connecting", "held", "held_paused",
+                 "held_size", "linger", "routes", "transport", "tried", "upstream",
+                 "upstream_eof")
+
+    def __init__(self, routes: Routes) -> None:
+        self.routes = routes
+        self.transport: asyncio.Transport
+        self.upstream: asyncio.Transport | None = None
+        self.color: Color | None = None
+        self.tried: list[Color] = []
+        self.connecting: asyncio.Task[None] | None = None
+        self.held: list[bytes] = []
+        self.held_size = 0
+        self.held_paused = False
+        self.client_eof = False
+        self.upstream_eof = False
+        self.closing = False
+        self.linger: asyncio.TimerHandle | None = None
+
+    # -- the client's transport --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.routes.admit(self)
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+        elif self.color is not None:
+            self._hold(data)
+        # else: turned away; what the client still sends is read and dropped
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write_eof()
+            if self.upstream_eof:
+                self.close()
+            return True
+        return self.color is not None  # connecting: EOF goes upstream once connected
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closing = True
+        if self.linger is not None:
+            self.linger.cancel()
+        self.close(abort=exc is not None)
+        self.routes.closed(self)
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream_eof:
+            self.upstream.resume_reading()
+
+    # -- called by the router ----------------------------------------------------------------
+
+    def forward(self, address: tuple[str, int]) -> None:
+        self.connecting = self.routes.loop.create_task(self._connect(address))
+
+    def refuse(self, response: bytes | None) -> None:
+        """Turn the client away: close it (tcp), or answer ``response`` and close (http).
+
+        After answering, keep reading until the client's EOF (or ``LINGER`` seconds): closing
+        with unread request bytes would reset the connection, which can destroy the answer
+        before the client has read it.
+        """
+        if response is None or self.closing:
+            self.close()
+            return
+        self.transport.write(response)
+        self.transport.write_eof()
+        if self.client_eof:
+            self.close()
+        else:
+            self.linger = self.routes.loop.call_later(LINGER, self.close)
+
+    def close(self, abort: bool = False) -> None:
+        """Close both sides (once); ``abort`` drops buffered data instead of flushing it."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            _close(upstream, abort)
+        if not self.closing:
+            self.closing = True
+            _close(self.transport, abort)
+
+    # -- the color's side --------------------------------------------------------------------
+
+    async def _connect(self, address: tuple[str, int]) -> None:
+        loop = self.routes.loop
+        while True:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.create_connection(self._upstream, *address)
+            except ConnectionRefusedError:
+                # Nothing was sent yet: the router may name another color (live or fallback).
+                retry = self.routes.retry(self)
+                if retry is None:
+                    break
+                address = retry
+            except (OSError, TimeoutError):
+                break
+            else:
+                self.connecting = None
+                return
+        self.connecting = None
+        self.routes.failed(self)
+
+    def _upstream(self) -> Upstream:
+        return Upstream(self)
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        if self.closing:  # the client left while we were connecting
+            transport.abort()
+            return
+        self.upstream = transport
+        self.routes.connected(self)
+        if self.held:
+            if self.held_paused:
+                self.held_paused = False
+                self.transport.resume_reading()
+            transport.write(b"".join(self.held))
+            self.held.clear()
+        if self.client_eof:
+            transport.write_eof()
+
+    def upstream_eof_received(self) -> bool:
+        self.upstream_eof = True
+        if not self.closing:
+            self.transport.write_eof()
+        if self.client_eof:
+            self.close()
+        return True
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        self.upstream = None
+        if exc is not None or not self.closing:
+            self.close(abort=exc is not None)
+
+    def pause_client(self) -> None:
+        if not self.closing:
+            self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        if not self.closing and not self.client_eof:
+            self.transport.resume_reading()
+
+    def _hold(self, data: bytes) -> None:
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > HOLD_LIMIT and not self.held_paused:
+            self.held_paused = True
+            self.transport.pause_reading()
+
+
+class Upstream(asyncio.Protocol):
+    """The color side of one connection: forwards to the client, reports to its Link."""
+
+    __slots__ = ("client", "link")
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.client = link.transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.link.upstream_made(cast(asyncio.Transport, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def eof_received(self) -> bool:
+        return self.link.upstream_eof_received()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.link.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.link.pause_client()
+
+    def resume_writing(self) -> None:
+        self.link.resume_client()
+
+
+def _close(transport: asyncio.Transport, abort: bool) -> None:
+    if abort:
+        transport.abort()
+    else:
+        transport.close()
