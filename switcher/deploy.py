@@ -9,11 +9,13 @@ T0 + max(drain, watch + standby), when its retire timer stops it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from switcher.systemd import Systemd
 STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"
 RUN_DIR = Path("/run/alive-switch")  # not a RuntimeDirectory=: systemd wipes those
 RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback window closes
+HOOK_TAIL = 20  # lines of a hook's output kept in history
+HOOK_IDENTIFIER = "alive-switch-hook"  # SYSLOG_IDENTIFIER of hook output in the journal
 Say = Callable[[str], None]
 
 
@@ -57,11 +61,33 @@ class Outcome:
     message: str = ""
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    hooks: list[dict[str, Any]] = field(default_factory=list)  # HookRun.to_json() of each
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": self.ok,
                 "target": self.target.value if self.target else None, "build": self.build,
-                "message": self.message, "phases": self.phases, "warnings": self.warnings}
+                "message": self.message, "phases": self.phases, "warnings": self.warnings,
+                "hooks": self.hooks}
+
+
+@dataclass(frozen=True)
+class HookRun:
+    """One run of a hook: ``outcome`` is "ok", "exit N", "timed out after N s" or
+    "could not run: …"; ``tail`` its last HOOK_TAIL lines of output (stdout and stderr)."""
+
+    name: str
+    command: str
+    outcome: str
+    seconds: float
+    tail: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "command": self.command, "outcome": self.outcome,
+                "seconds": self.seconds, "output": self.tail}
 
 
 class Phases:
@@ -298,7 +324,7 @@ class Deployer:
                            "outcome": "ok" if outcome.ok else result,
                            "failed_phase": None if outcome.ok else _value(phases.current),
                            "message": outcome.message, "phases": phases.durations,
-                           "warnings": outcome.warnings})
+                           "warnings": outcome.warnings, "hooks": outcome.hooks})
         return outcome
 
     def _steps(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
@@ -316,7 +342,8 @@ class Deployer:
         with phases(Phase.health):
             self._health_gate(target, started)
         with phases(Phase.pre_switch):
-            self._hook("pre_switch", target, the_plan.build, path, abort=True)
+            self._hook("pre_switch", target, the_plan.build, path, abort=True,
+                       outcome=outcome)
         with phases(Phase.switching):
             self._still_healthy_process(target, started)
             switching = current.with_(pending=Pending(target, Phase.switching, deploy_id,
@@ -336,7 +363,8 @@ class Deployer:
                 if warning:
                     outcome.warnings.append(warning)
         with phases(Phase.post_switch):
-            warning = self._hook("post_switch", target, the_plan.build, path, abort=False)
+            warning = self._hook("post_switch", target, the_plan.build, path, abort=False,
+                                 outcome=outcome)
             if warning:
                 outcome.warnings.append(warning)
             self._move_boot_enable(target)
@@ -484,30 +512,53 @@ class Deployer:
         self.sd.enable(self.unit(target))
         self.sd.disable(self.unit(target.other))
 
-    def _hook(self, name: str, color: Color, build: str, path: Path, *, abort: bool) -> str:
-        command = getattr(self.env, name)
-        if not command:
+    def _hook(self, name: str, color: Color, build: str, path: Path, *, abort: bool,
+              outcome: Outcome) -> str:
+        run = self.run_hook(name, color, build, path)
+        if run is None:
             return ""
-        env = {**os.environ, **self.env.environment, "COLOR": color.value,
-               "HOST": self.env.host, "PORT": str(self.env.port(color)),
-               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
-        try:
-            done = subprocess.run(command, shell=True, cwd=path, env=env, text=True,  # noqa: S602 - the operator's own hook
-                                  capture_output=True, timeout=self.env.hook_timeout,
-                                  check=False)
-            failed = f"exit {done.returncode}" if done.returncode else ""
-            output = (done.stdout + done.stderr).strip()
-        except subprocess.TimeoutExpired:
-            failed, output = f"timed out after {self.env.hook_timeout:g} s", ""
-        for line in output.splitlines()[-20:]:
-            self.say(f"    {name}: {line}")
-        if not failed:
+        outcome.hooks.append(run.to_json())
+        if run.ok:
             return ""
         if abort:
             self._stop_quietly(color)
-            raise AbortedError(f"{name} hook failed ({failed}): {command}; {color} stopped, "
-                               "the live color still serves", "fix the hook and deploy again")
-        return f"{name} hook failed ({failed}): {command}; traffic stays on {color}"
+            raise AbortedError(f"{name} hook failed ({run.outcome}): {run.command}; {color} "
+                               "stopped, the live color still serves",
+                               "fix the hook and deploy again; its output: alive-switch "
+                               f"history {self.env.name}, journalctl -t {HOOK_IDENTIFIER}")
+        warning = f"{name} hook failed ({run.outcome}): {run.command}; traffic stays on {color}"
+        self.say(f"warning: {warning}")
+        return warning
+
+    def run_hook(self, name: str, color: Color, build: str, path: Path) -> HookRun | None:
+        """Run hook ``name`` (None when not configured) in the build directory with the
+        environment of ``color``; each line of its output goes to the terminal and the journal
+        as it comes; after ``hook_timeout`` its whole process group is killed."""
+        command: str = getattr(self.env, name)
+        if not command:
+            return None
+        env = {**os.environ, **self.env.environment, "COLOR": color.value,
+               "HOST": self.env.host, "PORT": str(self.env.port(color)),
+               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
+        fields = {"ALIVE_SWITCH_APP": self.cfg.app, "ALIVE_SWITCH_ENV": self.env.name,
+                  "ALIVE_SWITCH_HOOK": name, "ALIVE_SWITCH_COLOR": color.value,
+                  "ALIVE_SWITCH_BUILD": build}
+        tail: collections.deque[str] = collections.deque(maxlen=HOOK_TAIL)
+
+        def line(text: str) -> None:
+            tail.append(text)
+            self.say(f"    {name}: {text}")
+            _journal(text, 6, fields)
+
+        began = time.monotonic()
+        try:
+            outcome = _run_hook_process(command, path, env, self.env.hook_timeout, line)
+        except OSError as exc:
+            outcome = f"could not run: {exc}"
+        run = HookRun(name, command, outcome, round(time.monotonic() - began, 3), list(tail))
+        _journal(f"{name} hook: {outcome} after {run.seconds:g} s: {command}",
+                 6 if run.ok else 3, fields)
+        return run
 
     def _stop_quietly(self, color: Color) -> None:
         with contextlib.suppress(SwitchError):
@@ -537,6 +588,45 @@ def _usable_fallback(current: State, color: Color, now: float) -> bool:
 
 def _env_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+def _run_hook_process(command: str, cwd: Path, env: dict[str, str], timeout: float,
+                      line: Callable[[str], None]) -> str:
+    """Run ``command`` in its own process group, passing each output line to ``line``;
+    return the outcome. On timeout the whole group is killed: a shell's children too."""
+    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, text=True,  # noqa: S602 - the operator's own hook
+                            errors="replace", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    reader = threading.Thread(target=_pump, args=(proc.stdout, line), daemon=True)
+    reader.start()
+    try:
+        code: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    reader.join(1.0)
+    if not reader.is_alive() and proc.stdout is not None:
+        # Else a daemon the hook started holds the pipe open: closing it now would block
+        # on the reader's lock, so the reader keeps it until this process exits.
+        proc.stdout.close()
+    if code is None:
+        return f"timed out after {timeout:g} s"
+    return "ok" if code == 0 else f"exit {code}"
+
+
+def _pump(stream: Any, line: Callable[[str], None]) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        for text in stream:
+            line(text.rstrip("\n"))
+
+
+def _journal(message: str, priority: int, fields: dict[str, str]) -> None:
+    from systemd import journal  # noqa: PLC0415 - only commands that run hooks need it
+
+    journal.sendv(f"MESSAGE={message}", f"PRIORITY={priority}",
+                  f"SYSLOG_IDENTIFIER={HOOK_IDENTIFIER}", *(f"{k}={v}" for k, v in fields.items()))
 
 
 def _value(phase: Phase | None) -> str | None:
