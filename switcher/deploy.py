@@ -213,8 +213,7 @@ class Deployer:
             if reason:
                 raise UsageError(f"not retiring {color}: {reason}",
                                  "nothing to do; a later deploy schedules its retirement")
-            self.sd.stop(self.unit(color))
-            warnings = self._stop_warnings(color)
+            warnings = self._stop_and_check(color)
             if current.fallback and current.fallback.color == color:
                 self.router.set_fallback(None)
                 state.save_state(self.env_dir, current.with_(fallback=None))
@@ -225,8 +224,9 @@ class Deployer:
             return Outcome("retire", True, color, current.builds.get(color) or "", message,
                            warnings=warnings)
 
-    def _stop_warnings(self, color: Color) -> list[str]:
-        """A stop that ran out of time ended in SIGKILL: the app lost its graceful exit."""
+    def _stop_and_check(self, color: Color) -> list[str]:
+        """Stop a color; a stop that ran out of time ended in SIGKILL: warn about it."""
+        self.sd.stop(self.unit(color))
         result = self.sd.show(self.unit(color), "Result")["Result"]
         if result not in ("timeout", "signal"):
             return []
@@ -439,6 +439,10 @@ class Deployer:
         result = health.wait_healthy(host, port, self.env.health,
                                      still_running=lambda: self.gone(target, started),
                                      sleep=self.clock.sleep)
+        if result.exited:
+            self._stop_quietly(target)
+            raise AbortedError(f"{target} failed to start: {result.detail}; {target} stopped, "
+                               "the live color still serves", self.journal_hint(target))
         if not result.ok:
             self._stop_quietly(target)
             where = health.url(host, port, self.env.health.path)
@@ -492,9 +496,9 @@ class Deployer:
         delay = until - self.clock.now() + RETIRE_MARGIN
         name = self.timer(old)
         if self.env.standby == 0 and delay <= RETIRE_MARGIN:
-            self.sd.stop(self.unit(old))
+            warnings = self._stop_and_check(old)
             self.say(f"retired {old} (standby = 0)")
-            return ""
+            return "; ".join(warnings)
         self.sd.cancel(name)
         argv = [*self_command(), "--config", os.path.abspath(self.cfg.path),
                 "retire", self.env.name, old.value]

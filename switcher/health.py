@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class Probe:
     ok: bool
     detail: str  # "200" or why it failed, for messages
+    exited: bool = False  # the process under test died or was restarted meanwhile
 
 
 def url(host: str, port: int, path: str) -> str:
@@ -70,12 +71,12 @@ def wait_healthy(host: str, port: int, health: Health, *, still_running: Callabl
         while True:
             gone = still_running()
             if gone:
-                return Probe(False, gone)
+                return Probe(False, gone, exited=True)
             left = deadline - clock()
             if left <= 0:
                 return Probe(False, f"{last.detail} after {health.timeout:g} s")
             last = probe(host, port, health, min(left, max(health.interval, 1.0)), client)
             if last.ok:
                 gone = still_running()
-                return Probe(False, gone) if gone else last
+                return Probe(False, gone, exited=True) if gone else last
             sleep(min(health.interval, max(0.0, deadline - clock())))
