@@ -18,7 +18,7 @@ import pytest
 from tests.ports import bindable, port_block
 from tests.system import sandbox as sandbox_module
 from tests.system.conftest import SandboxFactory
-from tests.system.sandbox import Sandbox, SandboxError, private_tmp_dirs
+from tests.system.sandbox import LOCK_WAIT_VAR, Sandbox, SandboxError, private_tmp_dirs
 
 pytestmark = pytest.mark.system
 
@@ -115,7 +115,10 @@ def test_systemd_is_pid_1_and_running(sandbox: Sandbox, tmp_path: Path) -> None:
     assert "Welcome to" in sandbox.boot_log()
 
 
-def test_only_one_sandbox_at_a_time(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_only_one_sandbox_at_a_time(
+    sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(LOCK_WAIT_VAR, raising=False)  # refuse at once, do not queue
     with pytest.raises(SandboxError, match="another sandbox is running"):
         Sandbox(tmp_path).boot()
     assert sandbox.alive
