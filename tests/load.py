@@ -1,6 +1,10 @@
 """A bounded load client that classifies every failure: refused, reset, early EOF, timeout,
 non-2xx. One new connection per request (the hard case for a switch), from a few threads,
-until stopped or until its count or time bound is reached."""
+until stopped or until its count or time bound is reached.
+
+With ``record=True`` the tally also keeps every request as a ``Request(time, outcome,
+build)`` (wall-clock completion time, so it lines up with history records), for a timeline.
+Off by default: a long run would hold millions of them."""
 
 from __future__ import annotations
 
@@ -10,9 +14,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n"
 CLASSES = ("refused", "reset", "eof", "timeout", "non2xx", "other")
+
+
+class Request(NamedTuple):
+    time: float  # time.time() when it completed
+    outcome: str  # "ok" or one of CLASSES
+    build: str  # the build that answered ("" or a detail for a failure)
 
 
 @dataclass
@@ -22,6 +33,7 @@ class Tally:
     builds: collections.Counter[str] = field(default_factory=collections.Counter)
     worst_latency: float = 0.0
     examples: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)  # only with Load(record=True)
 
     @property
     def failed(self) -> int:
@@ -45,8 +57,9 @@ class Load:
         timeout: float = 3.0,
         max_seconds: float = 240,
         max_requests: int = 2_000_000,
+        record: bool = False,
     ) -> None:
-        self.port, self.timeout = port, timeout
+        self.port, self.timeout, self.record = port, timeout, record
         self.deadline = time.monotonic() + max_seconds
         self.max_requests = max_requests
         self.tally = Tally()
@@ -85,7 +98,10 @@ class Load:
             began = time.monotonic()
             outcome, build = one_request(self.port, self.timeout)
             took = time.monotonic() - began
+            done = time.time()
             with self._lock:
+                if self.record:
+                    self.tally.requests.append(Request(done, outcome, build))
                 self.tally.worst_latency = max(self.tally.worst_latency, took)
                 if outcome == "ok":
                     self.tally.ok += 1
