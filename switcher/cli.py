@@ -18,6 +18,7 @@ from switcher.model import Color
 
 if TYPE_CHECKING:
     from switcher.deploy import Deployer
+    from switcher.progress import Progress
 
 EPILOG = """\
 exit codes: 0 ok (also "already live") · 1 internal error · 2 usage or config ·
@@ -68,10 +69,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the newest)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--force", action="store_true", help="deploy even if BUILD is live")
-    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.add_argument("--json", action="store_true", help="JSON events on stdout, one per "
+                   "line: each phase, then the outcome")
     p = command("rollback", "make the previous live color and build live again")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--json", action="store_true", help="as for deploy")
     p = command("retire", "stop COLOR unless it is live, pending or the fallback")
     p.add_argument("color", choices=[c.value for c in Color])
     p = command("check", "pre-flight checks alone (exit 0: no failure; warnings never block)")
@@ -142,7 +144,8 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
     return 0
 
 
-def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say) -> Deployer:
+def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
+              progress: Progress | None = None) -> Deployer:
     from switcher.deploy import Deployer  # noqa: PLC0415
     from switcher.install import control_socket  # noqa: PLC0415
     from switcher.render import unit_names  # noqa: PLC0415
@@ -151,7 +154,7 @@ def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say) -> D
 
     router = ControlSocket(control_socket(cfg.unit_prefix(env)),
                            unit_names(cfg.app, env.name)["router"])
-    return Deployer(cfg, env, Systemctl(), router, say=say)
+    return Deployer(cfg, env, Systemctl(), router, say=say, progress=progress)
 
 
 def _status(cfg: config.Config, env: config.Environment, *, as_json: bool) -> int:
@@ -185,18 +188,22 @@ def _check(d: Deployer, build_arg: str | None) -> int:
 
 
 def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
-    from switcher import deploy  # noqa: PLC0415
+    from switcher import deploy, progress  # noqa: PLC0415
 
-    as_json = getattr(args, "json", False)
-    # With --json, progress goes to stderr so stdout holds only the JSON outcome.
-    d = _deployer(cfg, env, say=(lambda line: print(line, file=sys.stderr, flush=True))
-                  if as_json else _say)
-    if args.command == "deploy":
-        outcome = d.deploy(args.build, force=args.force, dry_run=args.dry_run)
-    elif args.command == "rollback":
-        outcome = d.rollback(dry_run=args.dry_run)
-    elif args.command == "retire":
-        outcome = d.retire(Color(args.color))
+    # A live line on a terminal, plain lines otherwise; with --json, JSON events only.
+    report = progress.for_stream(sys.stdout, as_json=getattr(args, "json", False))
+    d = _deployer(cfg, env, say=report.say, progress=report)
+    if args.command in ("deploy", "rollback"):
+        try:
+            outcome = (d.deploy(args.build, force=args.force, dry_run=args.dry_run)
+                       if args.command == "deploy" else d.rollback(dry_run=args.dry_run))
+        except SwitchError as exc:
+            report.failed(args.command, exc.exit_code, exc.message, exc.hint)
+            raise
+        report.finished(outcome.to_json())
+        return 0
+    if args.command == "retire":
+        d.retire(Color(args.color))
     elif args.command == "check":
         return _check(d, args.build)
     elif args.command == "repair":
@@ -205,6 +212,4 @@ def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespac
         return 0
     else:
         raise UsageError(f"unknown command {args.command!r}", "see: alive-switch --help")
-    if as_json:
-        print(json.dumps(outcome.to_json(), indent=2))
     return 0

@@ -32,6 +32,7 @@ from switcher.errors import (
     UsageError,
 )
 from switcher.model import Color, Fallback, Pending, Phase, State
+from switcher.progress import Plain, Progress
 from switcher.render import color_unit, unit_names
 from switcher.routerctl import Router, serving
 from switcher.systemd import Systemd
@@ -91,32 +92,51 @@ class HookRun:
 
 
 class Phases:
-    """Times each phase, prints it as it runs, and honours the fault-injection hook."""
+    """Times each phase, reports it as it runs (``progress``: plain lines by default), and
+    honours the fault-injection hook. ``limit`` is the phase's own bound, when it has one
+    (the health gate's timeout, the watch), for a terminal to show ``elapsed / limit``."""
 
-    def __init__(self, say: Say) -> None:
+    def __init__(self, say: Say, progress: Progress | None = None) -> None:
         self.say = say
+        self.progress = progress or _SayProgress(say)
         self.durations: dict[str, float] = {}
         self.current: Phase | None = None
 
     @contextlib.contextmanager
-    def __call__(self, phase: Phase, label: str = "") -> Iterator[None]:
+    def __call__(self, phase: Phase, label: str = "", limit: float | None = None
+                 ) -> Iterator[None]:
         self.current = phase
         if os.environ.get(STOP_AT_VAR) == phase.value:
             # Test-only fault injection: freeze here so a test can SIGKILL us mid-phase.
             os.kill(os.getpid(), signal.SIGSTOP)
+        self.progress.begin(phase.value, limit)
         began = time.monotonic()
+        ok = False
         try:
             yield
+            ok = True
         finally:
             took = time.monotonic() - began
             self.durations[phase.value] = round(took, 3)
-        self.say(f"  {phase.value:<16} {took:7.2f} s  {label}".rstrip())
+            self.progress.end(phase.value, took, label, ok=ok)
+
+
+class _SayProgress(Plain):
+    """Plain phase lines through a ``say`` function (the default, and the unit tests')."""
+
+    def __init__(self, say: Say) -> None:  # no stream of its own: no super().__init__
+        self._say = say
+
+    def say(self, line: str) -> None:
+        self._say(line)
 
 
 class Deployer:
     def __init__(self, cfg: Config, env: Environment, sd: Systemd, router: Router, *,
-                 say: Say, clock: Clock | None = None, run_dir: Path = RUN_DIR) -> None:
+                 say: Say, clock: Clock | None = None, run_dir: Path = RUN_DIR,
+                 progress: Progress | None = None) -> None:
         self.cfg, self.env, self.sd, self.router, self.say = cfg, env, sd, router, say
+        self.progress = progress
         self.clock = clock or Clock()
         self.run_dir = run_dir
         self.prefix = cfg.unit_prefix(env)
@@ -296,7 +316,7 @@ class Deployer:
             self.say(message)
             return Outcome(the_plan.kind.value, True, the_plan.target, the_plan.build, message)
         deploy_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
-        phases = Phases(self.say)
+        phases = Phases(self.say, self.progress)
         outcome = Outcome(the_plan.kind.value, False, the_plan.target, the_plan.build)
         result = "failed"
         self.say(f"{the_plan.kind} {the_plan.build} → {the_plan.target} "
@@ -339,7 +359,7 @@ class Deployer:
         with phases(Phase.start, "warm: already running" if the_plan.warm else ""):
             state.save_state(self.env_dir, current.with_(pending=intent))
             started = self._start(target, the_plan.build, path, warm=the_plan.warm)
-        with phases(Phase.health):
+        with phases(Phase.health, limit=self.env.health.timeout):
             self._health_gate(target, started)
         with phases(Phase.pre_switch):
             self._hook("pre_switch", target, the_plan.build, path, abort=True,
@@ -355,7 +375,7 @@ class Deployer:
                                committed.builds)
         with phases(Phase.commit):
             state.save_state(self.env_dir, committed)
-        with phases(Phase.watch):
+        with phases(Phase.watch, limit=self.env.watch):
             self._watch(target, started, t0, current, the_plan.build)
         with phases(Phase.schedule_retire):
             if old is not None and committed.fallback is not None:
