@@ -37,6 +37,12 @@ EXAMPLES = {
     "check": "alive-switch check production\nalive-switch check production 2026-02-03.2",
     "status": "alive-switch status production\nalive-switch status production --json",
     "history": "alive-switch history production",
+    "init": "alive-switch init production --listen 9000 --ports 9001,9002 \\\n"
+            "    --exec '/usr/bin/node server.js' --builds /srv/alive/builds/production \\\n"
+            "    --health /api/health\n"
+            "alive-switch --config ./alive-switch.toml init staging --listen 8998 \\\n"
+            "    --ports 8996,8997 --exec '/usr/bin/node server.js' \\\n"
+            "    --builds /srv/alive/builds/staging --health /api/health --app alive",
 }
 
 
@@ -83,6 +89,19 @@ def _parser() -> argparse.ArgumentParser:
     p = command("status", "live color and build, each color's unit, health and traffic")
     p.add_argument("--json", action="store_true", help="JSON only on stdout (schema 1)")
     command("history", "deploys, rollbacks and retirements with per-phase timings")
+    p = command("init", "write a commented config for ENV, or add ENV to an existing one "
+                "(--config PATH; never overwrites an environment)")
+    p.add_argument("--listen", required=True, help="the public port, or ADDR:PORT")
+    p.add_argument("--ports", required=True, metavar="BLUE,GREEN",
+                   help="the colors' own ports, e.g. 9001,9002")
+    p.add_argument("--exec", required=True, metavar="COMMAND", help="how to run the app in "
+                   "a build directory (ExecStart syntax, absolute path first)")
+    p.add_argument("--builds", required=True, metavar="DIR", help="the directory holding "
+                   "the builds")
+    p.add_argument("--health", required=True, metavar="PATH", help="the health check path, "
+                   "e.g. /api/health")
+    p.add_argument("--app", default=None, help="unit prefix for a new file (default: "
+                   "alive); must match an existing file's")
     return parser
 
 
@@ -100,6 +119,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 def _run(args: argparse.Namespace) -> int:
     path = config.config_path(args.config)
+    if args.command == "init":  # before loading: the file may not exist yet
+        return _init(Path(path), args)
     cfg = config.load(path, check_owner=args.command != "render")
     env = cfg.environment(args.env)
     if args.command == "render":
@@ -115,6 +136,30 @@ def _run(args: argparse.Namespace) -> int:
             print(line)
         return 0
     return _mutate(cfg, env, args)
+
+
+def _init(path: Path, args: argparse.Namespace) -> int:
+    from switcher import init  # noqa: PLC0415
+
+    req = init.Request(args.env, init.parse_listen(args.listen), init.parse_ports(args.ports),
+                       args.exec, args.builds, args.health)
+    written = init.write(path, req, app=args.app, router_exec=_router_exec())
+    verb = "wrote" if written.created else "added environment to"
+    print(f"{verb} {path}: [env.{args.env}] of app {written.app!r}")
+    warning = init.owner_warning(path)
+    if warning:
+        print(f"note: {warning}")
+    print(f"next: alive-switch install {args.env} && alive-switch deploy {args.env}"
+          + ("" if path == Path(config.DEFAULT_PATH) else f"   (with --config {path})"))
+    return 0
+
+
+def _router_exec() -> str:
+    """The router beside this alive-switch (a virtualenv's bin/), else the default path."""
+    beside = Path(sys.argv[0]).absolute().parent / "alive-switch-router"
+    if Path(sys.argv[0]).name == "alive-switch" and beside.is_file():
+        return str(beside)
+    return config.Config.router_exec
 
 
 def _say(line: str) -> None:
