@@ -30,6 +30,7 @@ from switcher.systemd import Systemd
 
 SCHEMA = 1
 PROBE_TIMEOUT = 1.0
+CELL_MAX = 40  # characters of a table cell (a long health failure) before "…"
 COLOR_PROPS = ("ActiveState", "SubState", "MainPID", "MemoryCurrent",
                "ActiveEnterTimestampMonotonic")
 
@@ -104,7 +105,8 @@ def _health(env: Environment, color: Color) -> str:
 def render_table(info: dict[str, Any]) -> list[str]:
     live = info["live"]
     lines = [f"{info['app']}-{info['env']}: " + (
-        f"{live} serves {info['live_build']}" if live else "no live color yet")]
+        f"{live} serves {info['live_build']}" if live else "no live color yet")
+        + (f" (previous: {info['previous']})" if info.get("previous") else "")]
     if info["state_error"]:
         lines.append(f"  state: {info['state_error']}")
     if info["pending"]:
@@ -115,30 +117,54 @@ def render_table(info: dict[str, Any]) -> list[str]:
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)"))
+    fallback = info.get("fallback")
+    if fallback and fallback["until"] > time.time():
+        left = _duration(fallback["until"] - time.time())
+        lines.append(f"  fallback: {fallback['color']} for {left} more (instant rollback), "
+                     "then its retire timer stops it")
     rows: list[tuple[str, ...]] = [("", "blue", "green")]
     for key, label in (("role", "role"), ("state", "unit"), ("build", "build"), ("pid", "pid"),
                        ("memory_bytes", "memory"), ("uptime_s", "uptime"),
                        ("health", "health"), ("inflight", "in flight")):
-        rows.append((label, *(_cell(key, info["colors"][c][key]) for c in ("blue", "green"))))
+        rows.append((label, *(_cell(key, info["colors"][c][key], info["colors"][c])
+                              for c in ("blue", "green"))))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
               .rstrip() for row in rows]
     last = info["last"]
     if last:
+        phases = last.get("phases") or {}
+        took = (f", took {sum(phases.values()):.2f} s (switch "
+                f"{phases.get('switching', 0) * 1000:.0f} ms)" if "switching" in phases else "")
         lines.append(f"  last: {last.get('kind')} {last.get('build') or ''} → "
-                     f"{last.get('color') or ''}: {last.get('outcome')} "
+                     f"{last.get('color') or ''}: {last.get('outcome')}{took}, "
+                     f"{_duration(time.time() - last['time'])} ago "
                      f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
     return lines
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: Any, color: dict[str, Any] | None = None) -> str:
+    if key == "state" and color is not None and color.get("sub"):
+        return f"{value} ({color['sub']})"
     if value is None:
         return "-"
     if key == "memory_bytes":
         return f"{value / 1048576:.1f} MiB"
     if key == "uptime_s":
-        return f"{value:.0f} s"
-    return str(value)
+        return _duration(value)
+    text = str(value)
+    return text if len(text) <= CELL_MAX else text[:CELL_MAX - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``13 min 32 s``, ``2 h 5 min``, ``3 d 4 h``: like systemctl's "… ago"."""
+    s = max(0, round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                      ("min", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // sub_size
+            return f"{s // size} {unit}" + (f" {rest} {sub}" if rest else "")
+    return f"{s} s"
 
 
 def history_lines(records: list[dict[str, Any]]) -> list[str]:
