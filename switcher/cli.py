@@ -26,16 +26,36 @@ exit codes: 0 ok (also "already live") · 1 internal error · 2 usage or config 
 5 switched, then switched back during `watch` · 6 state needs `alive-switch repair ENV`
 """
 
+FIRST_STEPS = """\
+first steps:
+  alive-switch init production --listen 9000 --ports 9001,9002 \\
+      --exec '/usr/bin/node server.js' --builds /srv/alive/builds/production \\
+      --health /api/health
+  alive-switch install production
+  alive-switch deploy production            # the newest build in `builds`
+  alive-switch status production
+  alive-switch rollback production
+
+Every command has examples: alive-switch COMMAND --help. To see it all work first, in a
+private systemd with the sample app: examples/demo/run (in the source tree).
+
+"""
+
 EXAMPLES = {
     "install": "alive-switch install production\nalive-switch install production --rebind",
     "render": "alive-switch render production\nalive-switch render production --out units/",
-    "deploy": "alive-switch deploy production\nalive-switch deploy production 2026-02-03.2 "
-              "--dry-run",
-    "rollback": "alive-switch rollback production",
-    "retire": "alive-switch retire production blue",
+    "deploy": "alive-switch deploy production                 # the newest build\n"
+              "alive-switch deploy production 2026-02-03.2     # a named build\n"
+              "alive-switch deploy production 2026-02-03.2 --dry-run\n"
+              "alive-switch deploy production --json | jq -c 'select(.event == \"phase\")'",
+    "rollback": "alive-switch rollback production            # back to the previous build\n"
+                "alive-switch rollback production            # again: forward, like `cd -`\n"
+                "alive-switch rollback production --dry-run",
+    "retire": "alive-switch retire production blue          # what the retire timers run",
     "repair": "alive-switch repair production",
     "check": "alive-switch check production\nalive-switch check production 2026-02-03.2",
-    "status": "alive-switch status production\nalive-switch status production --json",
+    "status": "alive-switch status production\n"
+              "alive-switch status production --json | jq -r .live",
     "history": "alive-switch history production",
     "init": "alive-switch init production --listen 9000 --ports 9001,9002 \\\n"
             "    --exec '/usr/bin/node server.js' --builds /srv/alive/builds/production \\\n"
@@ -48,7 +68,8 @@ EXAMPLES = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="alive-switch", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="alive-switch", epilog=FIRST_STEPS + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero-downtime blue/green deploys for apps run by systemd.")
     parser.add_argument("--config", help=f"config file (default: ${config.ENV_VAR} or "
                         f"{config.DEFAULT_PATH})")
