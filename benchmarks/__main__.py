@@ -67,9 +67,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", default="",
                    help="comma-separated targets (direct is always measured): "
                         + ", ".join(report.ROWS))
-    p.add_argument("--baseline", metavar="REV", default="",
-                   help="also run the router of git revision REV (e.g. HEAD~1) beside this "
-                        "checkout's, to measure a change against it in the same run")
+    p.add_argument("--tests", default="keepalive,close,big",
+                   help="comma-separated subset of: keepalive, close (new connections), big "
+                        "(1 MiB responses); default all")
+    p.add_argument("--baseline", metavar="REV|DIR", default="",
+                   help="also run the router of git revision REV (e.g. HEAD~1), or of the "
+                        "switcher package in DIR, beside this checkout's, to measure a change "
+                        "against it in the same run")
     p.add_argument("--skip-systemd", action="store_true",
                    help="leave out warm rollback and status (they boot a systemd sandbox)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
@@ -181,7 +185,10 @@ def started(tmp: Path, ports: list[int], args: argparse.Namespace
 
 
 def checkout(rev: str, where: Path) -> Path:
-    """The ``switcher`` package of git revision ``rev``, extracted into ``where``."""
+    """A directory holding the ``switcher`` package of ``rev``: a directory that has one, or
+    a git revision, extracted into ``where``."""
+    if (Path(rev) / "switcher" / "router").is_dir():
+        return Path(rev).resolve()
     where.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "switcher"],
                              capture_output=True, check=False)
@@ -212,18 +219,21 @@ def measure_data_plane(targets: list[Target], args: argparse.Namespace,
             "close": (SMALL_PATH, args.connections, True),
             "big": (BIG_PATH, args.big_connections, False),
         }
+        tests = {name: how for name, how in tests.items() if name in args.tests.split(",")}
         for round_ in range(args.runs):
             order = targets[round_ % len(targets):] + targets[:round_ % len(targets)]
             say(f"round {round_ + 1}/{args.runs}: {', '.join(t.name for t in order)}")
             for t in order:
                 peak = 0
                 for test, (path, conns, close) in tests.items():
+                    cpu = t.cpu_seconds()
                     with rss_peak(t) as peak_of:
                         sample = wrk.run(t.url + path, connections=conns,
                                          seconds=args.seconds, close=close)
+                    cpu = t.cpu_seconds() - cpu
                     peak = max(peak, peak_of())
                     t.check_alive()
-                    record(results[t.name], test, sample)
+                    record(results[t.name], test, sample, cpu)
                     time.sleep(PAUSE)
                 if t.proc is not None and t.kind != "direct":
                     results[t.name]["figures"].setdefault("rss_mb", []).append(peak / 1e6)
@@ -236,17 +246,24 @@ def measure_data_plane(targets: list[Target], args: argparse.Namespace,
     return results
 
 
-def record(result: dict[str, Any], test: str, sample: Sample) -> None:
-    result["samples"].setdefault(test, []).append(sample.to_json())
+def record(result: dict[str, Any], test: str, sample: Sample, cpu: float) -> None:
+    """Keep the sample; derive the figures. ``cpu``: seconds the target's process used
+    during it (for direct, nginx's)."""
+    result["samples"].setdefault(test, []).append({**sample.to_json(), "cpu_s": cpu})
     figures = result["figures"]
+    per_request = cpu / max(sample.requests, 1) * 1e6
     if test == "keepalive":
         figures.setdefault("keepalive_rps", []).append(sample.rps)
         figures.setdefault("p50_ms", []).append(sample.p50_ms)
         figures.setdefault("p99_ms", []).append(sample.p99_ms)
+        figures.setdefault("keepalive_cpu_us", []).append(per_request)
     elif test == "close":
         figures.setdefault("close_rps", []).append(sample.rps)
+        figures.setdefault("close_cpu_us", []).append(per_request)
     else:
         figures.setdefault("big_mib_s", []).append(sample.mib_s)
+        figures.setdefault("big_cpu_ms_per_gib", []).append(
+            cpu * 1000 / max(sample.bytes / 2**30, 1e-9))
 
 
 @contextmanager

@@ -41,6 +41,13 @@ FIGURES = (
     Figure("big_mib_s", "1 MiB responses, MiB/s", "MiB/s", True, 0),
     Figure("rss_mb", "peak RSS MB", "MB", False, 1),
 )
+# CPU time the target's own process spent per unit of work: much less sensitive than
+# throughput to other work on a shared machine, so the better gauge of a code change.
+CPU_FIGURES = (
+    Figure("keepalive_cpu_us", "CPU µs per keep-alive request", "µs", False, 1),
+    Figure("close_cpu_us", "CPU µs per new connection", "µs", False, 1),
+    Figure("big_cpu_ms_per_gib", "CPU ms per GiB (1 MiB responses)", "ms", False, 0),
+)
 
 
 def spread(values: Sequence[float]) -> dict[str, Any] | None:
@@ -53,12 +60,12 @@ def spread(values: Sequence[float]) -> dict[str, Any] | None:
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     """Per target: each figure's spread, and its ratios to HAProxy (same mode) and direct."""
     targets = raw["targets"]
-    stats = {name: {f.key: spread(t["figures"].get(f.key, [])) for f in FIGURES}
+    stats = {name: {f.key: spread(t["figures"].get(f.key, [])) for f in (*FIGURES, *CPU_FIGURES)}
              for name, t in targets.items()}
     for name, t in targets.items():
         ref = {"haproxy": f"haproxy-{t['mode']}" if t["mode"] in ("tcp", "http") else None,
                "direct": "direct"}
-        for f in FIGURES:
+        for f in (*FIGURES, *CPU_FIGURES):
             here = stats[name][f.key]
             if here is None:
                 continue
@@ -81,12 +88,18 @@ def markdown(raw: dict[str, Any], stats: dict[str, Any]) -> str:
         f"new connections (`Connection: close`) with {settings['connections']}, 1 MiB "
         f"responses with {settings['big_connections']}. Median (min–max of the runs).",
         "",
-        *_absolute_table(stats),
+        *_absolute_table(stats, FIGURES),
         "",
         "Ratios of the medians: × HAProxy of the same mode / × direct (for p50, p99 and RSS "
         "lower is better).",
         "",
-        *_ratio_table(stats),
+        *_ratio_table(stats, FIGURES),
+        "",
+        "CPU time of the target's own process (user + system) per unit of work, the gauge "
+        "least disturbed by other work on the machine; for direct, nginx's. Median (min–max) "
+        "and × HAProxy of the same mode (lower is better).",
+        "",
+        *_cpu_table(stats),
         "",
         *_control_table(raw),
         "",
@@ -118,11 +131,11 @@ def _label(name: str) -> str:
     return LABELS.get(base, base) + (f" ({tag})" if tag else "")
 
 
-def _absolute_table(stats: dict[str, Any]) -> list[str]:
-    head = ["target", *[f.title for f in FIGURES]]
+def _absolute_table(stats: dict[str, Any], figures: Sequence[Figure]) -> list[str]:
+    head = ["target", *[f.title for f in figures]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in _rows(stats):
-        cells = [_cell(stats[name][f.key], f.digits) for f in FIGURES]
+        cells = [_cell(stats[name][f.key], f.digits) for f in figures]
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -131,17 +144,31 @@ def _ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
-def _ratio_table(stats: dict[str, Any]) -> list[str]:
-    head = ["target", *[f.title for f in FIGURES]]
+def _ratio_table(stats: dict[str, Any], figures: Sequence[Figure]) -> list[str]:
+    head = ["target", *[f.title for f in figures]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in _rows(stats):
         if name == "direct":
             continue
         cells = []
-        for f in FIGURES:
+        for f in figures:
             s = stats[name][f.key]
             cells.append("—" if s is None else
                          f"{_ratio(s.get('x_haproxy'))} / {_ratio(s.get('x_direct'))}")
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cpu_table(stats: dict[str, Any]) -> list[str]:
+    head = ["target", *[f.title for f in CPU_FIGURES]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in _rows(stats):
+        cells = []
+        for f in CPU_FIGURES:
+            s = stats[name][f.key]
+            ratio = "" if s is None or s.get("x_haproxy") is None or name == "direct" else (
+                f"; {_ratio(s['x_haproxy'])}")
+            cells.append(_cell(s, f.digits) + ratio)
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     return lines
 

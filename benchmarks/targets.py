@@ -146,6 +146,17 @@ class Target:
         except psutil.NoSuchProcess:
             return 0
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process and its children so far (0: none)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            top = psutil.Process(self.proc.pid)
+            return sum(t.user + t.system for t in
+                       (p.cpu_times() for p in [top, *top.children(recursive=True)]))
+        except psutil.NoSuchProcess:
+            return 0.0
+
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise TargetError(f"{self.name} exited with {self.proc.returncode}; "
