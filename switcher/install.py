@@ -10,15 +10,19 @@ import contextlib
 import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from switcher import render, state
 from switcher.config import Config, Environment
 from switcher.errors import UsageError
 from switcher.model import Color, Mode, RouterSettings
+from switcher.render import color_unit
 from switcher.systemd import Systemd
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
@@ -29,6 +33,8 @@ Say = Callable[[str], None]
 @dataclass
 class InstallResult:
     changed_units: list[str] = field(default_factory=list)
+    new_units: list[str] = field(default_factory=list)  # the changed ones that did not exist
+    running_colors: list[str] = field(default_factory=list)  # color units active right now
     router_settings_changed: bool = False
     router_action: str = "none"
     rebind_gap: float | None = None
@@ -75,9 +81,14 @@ def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebin
     names = render.unit_names(cfg.app, env.name)
     socket_unit = names["socket"]
     _check_socket_change(env, sd, unit_dir / socket_unit, files[socket_unit], rebind=rebind)
+    if not _active(sd, socket_unit):
+        _check_port_free(env, socket_unit)
     result = InstallResult()
     pending = [rel for rel, text in sorted(files.items())
                if not (unit_dir / rel).exists() or (unit_dir / rel).read_text() != text]
+    result.new_units = [rel for rel in pending if not (unit_dir / rel).exists()]
+    result.running_colors = [color_unit(cfg.app, env.name, c) for c in Color
+                             if _active(sd, color_unit(cfg.app, env.name, c))]
     settings = router_settings(cfg, env)
     if dry_run:
         for rel in pending:
@@ -186,7 +197,19 @@ def _listen_matches(shown: str, listen: str) -> bool:
 
 def _report(result: InstallResult, unit_dir: Path, say: Say) -> None:
     for rel in result.changed_units:
-        say(f"wrote {unit_dir / rel}")
+        if rel in result.new_units:
+            say(f"wrote {unit_dir / rel} (new)")
+        else:
+            say(f"changed: {rel} (wrote {unit_dir / rel})")
+    color_config = [rel for rel in result.changed_units
+                    if "@" in rel and rel not in result.new_units]
+    if color_config and result.running_colors:
+        # systemd reads ExecStart=/Environment= when a unit starts: the running process
+        # keeps what it started with, and `status` flags it as "restart pending".
+        say(f"the color config changed (exec, environment, …): it takes effect on the next "
+            f"start of a color; running now with the old config: "
+            f"{', '.join(result.running_colors)} (a deploy starts the idle color afresh, "
+            "unless it already runs that build)")
     if result.router_settings_changed:
         say("router settings changed")
     if result.router_action != "none":
@@ -195,6 +218,80 @@ def _report(result: InstallResult, unit_dir: Path, say: Say) -> None:
         say(f"rebind: the public port was closed for up to {result.rebind_gap * 1000:.0f} ms")
     if not result.changed:
         say("nothing changed: units, router settings and services are up to date")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process listening on a port, and the systemd unit it runs in ("" if unknown)."""
+
+    pid: int | None  # None: a process this PID namespace cannot see
+    unit: str
+    command: str
+
+    def describe(self) -> str:
+        if self.pid is None:
+            return "a process outside this PID namespace"
+        return f"PID {self.pid} ({self.command})" + (f" of {self.unit}" if self.unit else "")
+
+
+def port_holders(port: int) -> list[Holder]:
+    """Who listens on TCP ``port``, on any address."""
+    try:
+        # ss asks the kernel for listeners only; psutil reads all of /proc/net/tcp, which
+        # on a busy host holds tens of thousands of TIME_WAIT lines (~1 s).
+        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        pids = {conn.pid for conn in psutil.net_connections("tcp")
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port}
+    else:
+        pids = set()
+        for line in out.splitlines():
+            found = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
+            pids |= found or {None}  # no users: a process this namespace cannot see
+    return [_holder(pid) for pid in sorted(pids, key=lambda p: p or 0)]
+
+
+def _holder(pid: int | None) -> Holder:
+    if pid is None:
+        return Holder(None, "", "")
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.Error:
+        command = "?"
+    return Holder(pid, unit_of_pid(pid), command)
+
+
+def unit_of_pid(pid: int) -> str:
+    """The unit whose cgroup holds ``pid`` (``foo.service``), from /proc/PID/cgroup."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        path = line.split(":", 2)[-1]
+        units = re.findall(r"[^/]+\.(?:service|scope|socket)(?=/|$)", path)
+        if units and (line.startswith("0::") or "name=systemd" in line):
+            return str(units[-1])
+    return ""
+
+
+def _check_port_free(env: Environment, socket_unit: str) -> None:
+    """Starting the socket while another process holds the port fails with EADDRINUSE:
+    the original incident. Refuse before writing anything and name the way out."""
+    holders = port_holders(env.listen_port)
+    if not holders:
+        return
+    holder = holders[0]
+    if holder.pid == 1:
+        hint = "another socket unit holds it: see `systemctl list-sockets`"
+    elif holder.unit.endswith(".service"):
+        hint = f"cut over from it: alive-switch install {env.name} --takeover {holder.unit}"
+    else:
+        hint = (f"stop it, or cut over from the unit that runs it with `alive-switch install "
+                f"{env.name} --takeover UNIT`")
+    raise UsageError(f"port {env.listen_port} is held by {holder.describe()}; starting "
+                     f"{socket_unit} would fail with EADDRINUSE; nothing was changed", hint)
 
 
 def ensure_run_dir() -> None:
