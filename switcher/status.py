@@ -11,13 +11,22 @@
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
                          "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
                          "health": "ok" | "failing: …" | "not running",
-                         "inflight": 0, "role": "live" | "standby" | "idle"}, "green": {..}},
+                         "inflight": 0, "role": "live" | "standby" | "idle",
+                         "restart_pending": false}, "green": {..}},
      "last": {history record} | null,
      "state_error": null | "why state.json could not be read"}
+
+``restart_pending``: the color runs a process started before its installed config (unit
+file, drop-ins, environment_file) last changed; its next start applies that config.
+
+``status`` without ENV (``collect_all``) gives ``{"schema": 1, "environments": [...]}``,
+one object as above per environment, and ``render_overview`` one line per environment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from typing import Any
 
@@ -31,8 +40,10 @@ from switcher.systemd import Systemd
 SCHEMA = 1
 PROBE_TIMEOUT = 1.0
 CELL_MAX = 40  # characters of a table cell (a long health failure) before "…"
+CLOCK_SLACK = 0.01  # seconds: converting systemd's monotonic start time to wall time
 COLOR_PROPS = ("ActiveState", "SubState", "MainPID", "MemoryCurrent",
-               "ActiveEnterTimestampMonotonic")
+               "ActiveEnterTimestampMonotonic", "ExecMainStartTimestampMonotonic",
+               "FragmentPath", "DropInPaths")
 
 
 def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[str, Any]:
@@ -94,7 +105,27 @@ def _color(cfg: Config, env: Environment, sd: Systemd, current: State, color: Co
         "uptime_s": round(time.monotonic() - entered / 1e6, 1) if running and entered else None,
         "health": _health(env, color) if running else "not running",
         "inflight": router_info["inflight"].get(color.value, 0), "role": role,
+        "restart_pending": running and _predates_config(env, props),
     }
+
+
+def _predates_config(env: Environment, props: dict[str, str]) -> bool:
+    """Whether the running process started before its config files last changed (systemd
+    reads ExecStart=, Environment= and EnvironmentFile= only when a unit starts)."""
+    started_mono = int(props.get("ExecMainStartTimestampMonotonic") or 0) or int(
+        props.get("ActiveEnterTimestampMonotonic") or 0)
+    if not started_mono:
+        return False
+    # systemd's monotonic clock is CLOCK_MONOTONIC, the same as time.monotonic().
+    started = time.time() - (time.monotonic() - started_mono / 1e6)
+    files = [props.get("FragmentPath", ""), *props.get("DropInPaths", "").split()]
+    if env.environment_file:
+        files.append(env.environment_file)
+    changed = 0.0
+    for path in filter(None, files):
+        with contextlib.suppress(OSError):
+            changed = max(changed, os.stat(path).st_mtime)
+    return started < changed - CLOCK_SLACK
 
 
 def _health(env: Environment, color: Color) -> str:
@@ -131,6 +162,8 @@ def render_table(info: dict[str, Any]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
               .rstrip() for row in rows]
+    lines += [f"  restart pending: {c} started before the config changed; its next start "
+              "applies it" for c in ("blue", "green") if info["colors"][c].get("restart_pending")]
     last = info["last"]
     if last:
         phases = last.get("phases") or {}
@@ -141,6 +174,42 @@ def render_table(info: dict[str, Any]) -> list[str]:
                      f"{_duration(time.time() - last['time'])} ago "
                      f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
     return lines
+
+
+def collect_all(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "environments": infos}
+
+
+def render_overview(infos: list[dict[str, Any]]) -> list[str]:
+    """One line per environment: what serves, the router, each color, the last deploy."""
+    rows: list[tuple[str, ...]] = [("ENV", "LIVE", "BUILD", "ROUTER", "BLUE", "GREEN", "LAST")]
+    notes = []
+    for info in infos:
+        last = info["last"]
+        rows.append((info["env"], info["live"] or "-", info["live_build"] or "-",
+                     info["router"]["active"], _color_cell(info["colors"]["blue"]),
+                     _color_cell(info["colors"]["green"]),
+                     f"{last.get('kind')} {last.get('outcome')}" if last else "-"))
+        prefix = f"{info['app']}-{info['env']}"
+        if info["state_error"]:
+            notes.append(f"{prefix}: {info['state_error']}")
+        if info["pending"]:
+            notes.append(f"{prefix}: interrupted at {info['pending']['phase']} (the next "
+                         "command reconciles it)")
+        notes += [f"{prefix}: restart pending: {c} started before the config changed"
+                  for c in ("blue", "green") if info["colors"][c].get("restart_pending")]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return lines + [f"note: {n}" for n in notes]
+
+
+def _color_cell(color: dict[str, Any]) -> str:
+    """``live ok``, ``standby``, ``idle failing``, or the unit's state when not running."""
+    if color["state"] != "active":
+        return str(color["state"])
+    health = "ok" if color["health"] == "ok" else "failing"
+    return f"{color['role']} {health}"
 
 
 def _cell(key: str, value: Any, color: dict[str, Any] | None = None) -> str:
