@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -42,7 +43,15 @@ private systemd with the sample app: examples/demo/run (in the source tree).
 """
 
 EXAMPLES = {
-    "install": "alive-switch install production\nalive-switch install production --rebind",
+    "install": "alive-switch install production\nalive-switch install production --rebind\n"
+               "alive-switch install production --takeover alive-production.service "
+               "--dry-run\n"
+               "alive-switch install production --takeover alive-legacy.service 2026-02-03.2",
+    "uninstall": "alive-switch uninstall staging\nalive-switch uninstall staging --purge",
+    "logs": "alive-switch logs production\nalive-switch logs production green -f\n"
+            "alive-switch logs production -n 50",
+    "prune": "alive-switch prune production --keep 5 --dry-run\n"
+             "alive-switch prune production --keep 5",
     "render": "alive-switch render production\nalive-switch render production --out units/",
     "deploy": "alive-switch deploy production                 # the newest build\n"
               "alive-switch deploy production 2026-02-03.2     # a named build\n"
@@ -75,11 +84,14 @@ def _parser() -> argparse.ArgumentParser:
                         f"{config.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, text: str, *, env_optional: bool = False
+                ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text,
                            epilog=f"examples:\n  {EXAMPLES[name].replace(chr(10), chr(10) + '  ')}"
                            f"\n\n{EPILOG}", formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("env", metavar="ENV", help="environment name from the config")
+        p.add_argument("env", metavar="ENV", nargs="?" if env_optional else None,
+                       help="environment name from the config"
+                       + (" (default: every environment)" if env_optional else ""))
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return p
 
@@ -88,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                    "/etc/systemd/system)")
     p.add_argument("--rebind", action="store_true", help="accept a short gap to apply a "
                    "changed [Socket] section")
+    p.add_argument("--takeover", nargs="+", metavar=("UNIT", "BUILD"), default=None,
+                   help="usage: --takeover UNIT [BUILD]. Cut over from the legacy UNIT that "
+                   "binds the public port itself: start BUILD (default: the newest) as blue, "
+                   "prove it healthy, stop and disable UNIT (its file backed up), bind the "
+                   "socket, serve blue; prints the gap")
     p.add_argument("--dry-run", action="store_true")
     p = command("render", "print the units, or write them under --out")
     p.add_argument("--out", default=None, help="write the files here, drop-in folders included")
@@ -107,8 +124,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build", nargs="?", metavar="BUILD", help="the build to check (default: "
                    "the newest)")
     command("repair", "rebuild state.json from the router, the color links and history")
-    p = command("status", "live color and build, each color's unit, health and traffic")
+    p = command("status", "live color and build, each color's unit, health and traffic; "
+                "without ENV one line per environment", env_optional=True)
     p.add_argument("--json", action="store_true", help="JSON only on stdout (schema 1)")
+    p = command("uninstall", "stop, disable and remove the environment's units (not its "
+                "builds); other environments are untouched")
+    p.add_argument("--purge", action="store_true", help="also remove its state directory "
+                   "(state, history, color links, a takeover backup)")
+    p.add_argument("--unit-dir", default=None, help="where the units are (default "
+                   "/etc/systemd/system)")
+    p = command("logs", "the journal of the socket, the router and both colors (or COLOR)")
+    p.add_argument("color", nargs="?", choices=[c.value for c in Color], metavar="COLOR",
+                   help="only this color: blue or green")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    p.add_argument("-n", "--lines", type=int, default=None, metavar="N",
+                   help="only the last N entries")
+    p = command("prune", "remove old build directories; never the live, standby, pending or "
+                "linked ones")
+    p.add_argument("--keep", type=int, required=True, metavar="N", help="keep the N newest "
+                   "builds (by mtime) besides the protected ones")
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     command("history", "deploys, rollbacks and retirements with per-phase timings")
     p = command("init", "write a commented config for ENV, or add ENV to an existing one "
                 "(--config PATH; never overwrites an environment)")
@@ -143,13 +178,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "init":  # before loading: the file may not exist yet
         return _init(Path(path), args)
     cfg = config.load(path, check_owner=args.command != "render")
+    if args.command == "status":  # ENV is optional here only
+        return _status(cfg, args.env, as_json=args.json)
     env = cfg.environment(args.env)
     if args.command == "render":
         return _render(cfg, env, args.out)
-    if args.command == "install":
-        return _install(cfg, env, args)
-    if args.command == "status":
-        return _status(cfg, env, as_json=args.json)
+    if args.command in ("install", "uninstall", "logs", "prune"):
+        return _lifecycle(cfg, env, args)
     if args.command == "history":
         from switcher import state, status  # noqa: PLC0415
 
@@ -205,8 +240,61 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
     from switcher.systemd import Systemctl  # noqa: PLC0415
 
     unit_dir = Path(args.unit_dir or install.DEFAULT_UNIT_DIR)
+    if args.takeover is not None:
+        return _takeover(cfg, env, args, unit_dir)
     install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=args.dry_run,
                     say=_say)
+    return 0
+
+
+def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namespace,
+              unit_dir: Path) -> int:
+    from switcher.takeover import Takeover  # noqa: PLC0415
+
+    if len(args.takeover) > 2:
+        raise UsageError(f"--takeover takes UNIT and at most one BUILD, not "
+                         f"{' '.join(args.takeover)}", "alive-switch install ENV --takeover "
+                         "UNIT [BUILD]")
+    if args.rebind:
+        raise UsageError("--takeover and --rebind do not go together",
+                         "a takeover binds the socket for the first time: drop --rebind")
+    unit, build = args.takeover[0], (args.takeover[1:] or [None])[0]
+    Takeover(_deployer(cfg, env), unit_dir).run(unit, build, dry_run=args.dry_run)
+    return 0
+
+
+def _lifecycle(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
+    from switcher import install, lifecycle  # noqa: PLC0415
+
+    if args.command == "install":
+        return _install(cfg, env, args)
+    if args.command == "logs":
+        argv = lifecycle.journal_argv(cfg, env, Color(args.color) if args.color else None,
+                                      follow=args.follow, lines=args.lines)
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)  # noqa: S606 - journalctl, found on PATH like systemctl
+    d = _deployer(cfg, env)
+    if args.command == "uninstall":
+        lifecycle.uninstall(cfg, env, d.sd, Path(args.unit_dir or install.DEFAULT_UNIT_DIR),
+                            purge=args.purge, lock=d.lock(f"uninstall {env.name}"), say=_say)
+        return 0
+    lifecycle.prune(cfg, env, args.keep, dry_run=args.dry_run,
+                    lock_for=lambda e, what: _deployer(cfg, e).lock(what), say=_say)
+    return 0
+
+
+def _status_all(cfg: config.Config, *, as_json: bool) -> int:
+    from switcher import status  # noqa: PLC0415
+
+    infos = []
+    for env in cfg.env.values():
+        d = _deployer(cfg, env)
+        infos.append(status.collect(cfg, env, d.sd, d.router))
+    if as_json:
+        print(json.dumps(status.collect_all(infos), indent=2))
+    else:
+        for line in status.render_overview(infos):
+            print(line)
     return 0
 
 
@@ -223,9 +311,12 @@ def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
     return Deployer(cfg, env, Systemctl(), router, say=say, progress=progress)
 
 
-def _status(cfg: config.Config, env: config.Environment, *, as_json: bool) -> int:
+def _status(cfg: config.Config, env_name: str | None, *, as_json: bool) -> int:
     from switcher import status  # noqa: PLC0415
 
+    if env_name is None:
+        return _status_all(cfg, as_json=as_json)
+    env = cfg.environment(env_name)
     d = _deployer(cfg, env)
     info = status.collect(cfg, env, d.sd, d.router)
     if as_json:

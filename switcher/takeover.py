@@ -1,0 +1,677 @@
+"""``install ENV --takeover UNIT [BUILD]``: the one-time cut-over from a legacy unit that runs
+the app and binds the public port itself (installing the socket beside it would fail with
+EADDRINUSE: the original incident).
+
+In order, and why each step is where it is::
+
+    before the stop: a failure undoes every change; UNIT never noticed
+      check           UNIT is loaded and not ours, the socket is not active, no color is live,
+                      nothing but UNIT listens on the public port
+      backup          UNIT's unit file and drop-ins -> <state>/<app>-<env>/takeover/
+      write_units     every unit (but the router's when UNIT has its name: until UNIT stops,
+                      that file is UNIT's), daemon-reload, router.json
+      start_blue      point blue at BUILD, start it on its internal port, beside UNIT
+      health          the health gate, as a deploy's
+      pre_switch      the hook, if any
+      disable_legacy  UNIT stays running, but no longer starts at boot
+    the cut-over, back to back: the port refuses connections from the moment UNIT closes its
+    listener until the socket unit binds (the gap, measured by connecting every 2 ms)
+      stop_legacy     stop UNIT; with another name than the router's, the stop runs in the
+                      background and the socket binds as soon as the port is free, so the gap
+                      does not include UNIT's own graceful drain
+      write_router    (UNIT has the router's name) write it, daemon-reload: a connection that
+                      reaches the socket would otherwise start UNIT's old definition
+      bind            start the socket: the port listens; connections queue in its backlog
+      commit          state.json: blue live (the router serves it from its first accept)
+      start_router    start the router
+    after the stop, a failure restores UNIT: our units stopped and removed, UNIT re-enabled
+    and started again
+      enable          the socket, the router and blue start at boot
+      post_switch     the hook, if any (a failure is a warning); history
+
+``ALIVE_SWITCH_TEST_TAKEOVER_FAIL=<step>`` (tests only, off unless set) raises a failure on
+entering that step, to prove the undo from any point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from switcher import builds, checks, health, install, render, state
+from switcher.deploy import Deployer, _env_quote
+from switcher.errors import AbortedError, SwitchError, UsageError
+from switcher.model import Color, State
+from switcher.routerctl import serving
+
+TEST_FAIL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_FAIL"
+PROBE_EVERY = 0.002  # seconds between connection attempts while measuring the gap
+PORT_POLL = 0.001  # seconds between bind attempts while waiting for UNIT to free the port
+LEGACY_PROPS = ("LoadState", "ActiveState", "UnitFileState", "FragmentPath", "DropInPaths")
+# What a takeover may check before it starts blue: the socket and router checks of a deploy
+# cannot pass yet (UNIT holds the port), and there is no live color to probe.
+PREFLIGHT = (checks.idle_port_free, checks.colors_not_failed, checks.disk_space,
+             checks.memory, checks.build_ready, checks.user_can_read)
+Say = Callable[[str], None]
+
+
+class Step(enum.StrEnum):
+    check = "check"
+    backup = "backup"
+    write_units = "write_units"
+    start_blue = "start_blue"
+    health = "health"
+    pre_switch = "pre_switch"
+    disable_legacy = "disable_legacy"
+    stop_legacy = "stop_legacy"
+    write_router = "write_router"
+    bind = "bind"
+    commit = "commit"
+    start_router = "start_router"
+    enable = "enable"
+    post_switch = "post_switch"
+
+
+# ---------------------------------------------------------------- the plan (pure)
+
+@dataclass(frozen=True)
+class Legacy:
+    """The unit being replaced, as systemd shows it."""
+
+    unit: str
+    active: bool
+    enabled: bool
+    fragment: str
+    dropins: tuple[str, ...]
+
+    @classmethod
+    def from_props(cls, unit: str, props: dict[str, str]) -> Legacy:
+        return cls(unit, props.get("ActiveState") not in ("inactive", "failed", ""),
+                   props.get("UnitFileState") == "enabled", props.get("FragmentPath", ""),
+                   tuple(props.get("DropInPaths", "").split()))
+
+
+@dataclass(frozen=True)
+class Plan:
+    env: str
+    legacy: Legacy
+    build: str
+    names: dict[str, str]  # render.unit_names
+    blue: str  # blue's unit
+    listen: str
+    backup_dir: Path
+
+    @property
+    def same_name(self) -> bool:
+        """UNIT is named like the router: its file is replaced, not left beside ours."""
+        return self.legacy.unit == self.names["router"]
+
+    def steps(self) -> list[tuple[Step, str]]:
+        unit, router, sock = self.legacy.unit, self.names["router"], self.names["socket"]
+        later = f" (not {router}: until {unit} stops it is {unit}'s file)" if self.same_name \
+            else ""
+        steps = [
+            (Step.check, f"check: {unit} is loaded, nothing else listens on {self.listen}, "
+                         f"{sock} is not active, no color is live"),
+            (Step.backup, f"back up {self.legacy.fragment or unit + ' (no file)'}"
+                          + (" and its drop-ins" if self.legacy.dropins else "")
+                          + f" to {self.backup_dir}/"),
+            (Step.write_units, f"write the units{later}, daemon-reload, router settings"),
+            (Step.start_blue, f"point blue at {self.build}, start {self.blue} on its own port "
+                              f"while {unit} serves"),
+            (Step.health, "health gate on blue; failure: undo all of the above"),
+            (Step.pre_switch, "pre_switch hook, if configured"),
+        ]
+        if self.legacy.enabled:
+            steps.append((Step.disable_legacy, f"disable {unit} (it keeps running)"))
+        if self.legacy.active:
+            steps.append((Step.stop_legacy, f"stop {unit}: {self.listen} refuses from the "
+                                            "moment it closes its listener"))
+        if self.same_name:
+            steps.append((Step.write_router, f"write {router}, daemon-reload"))
+        steps += [
+            (Step.bind, f"start {sock}: {self.listen} listens again (the gap ends)"),
+            (Step.commit, f"state.json: blue live with {self.build}"),
+            (Step.start_router, f"start {router}: it serves blue"),
+            (Step.enable, f"enable {sock}, {router}, {self.blue} at boot"),
+            (Step.post_switch, "post_switch hook, if configured; history"),
+        ]
+        return steps
+
+    def describe(self) -> list[str]:
+        lines = [f"takeover of {self.legacy.unit} by {self.names['socket']} + blue "
+                 f"({self.build}):"]
+        lines += [f"  {n:>2}. {text}" for n, (_, text) in enumerate(self.steps(), 1)]
+        lines.append(f"  a failure before the stop changes nothing; after it, {self.legacy.unit}"
+                     " is restored (re-enabled and started)")
+        return lines
+
+
+def make_plan(d: Deployer, legacy: Legacy, build: str) -> Plan:
+    return Plan(d.env.name, legacy, build, d.names, d.unit(Color.blue), d.env.listen_address,
+                backup_dir(d))
+
+
+def backup_dir(d: Deployer) -> Path:
+    return d.env_dir / "takeover"
+
+
+# ---------------------------------------------------------------- undo
+
+class Undo:
+    """What a takeover changed so far, undone newest first. A step that fails to undo is
+    reported and the others still run."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], None]]] = []
+
+    def add(self, what: str, action: Callable[[], None]) -> None:
+        self._steps.append((what, action))
+
+    def run(self) -> list[str]:
+        problems = []
+        while self._steps:
+            what, action = self._steps.pop()
+            try:
+                action()
+            except (SwitchError, OSError) as exc:
+                problems.append(f"{what}: {exc}")
+        return problems
+
+
+def snapshot(path: Path) -> Callable[[], None]:
+    """A function that puts ``path`` back as it is now: a file, a symlink or nothing."""
+    if path.is_symlink():
+        target = Path(os.readlink(path))
+        return lambda: state.symlink_atomic(path, target)
+    if path.is_file():
+        data, mode = path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
+        return lambda: state.write_atomic(path, data, mode)
+    return lambda: path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- measuring the gap
+
+@dataclass
+class Gap:
+    refused: int = 0  # probes refused
+    probes: int = 0
+    first: float | None = None  # monotonic time of the first and last refused probe
+    last: float | None = None
+    bind_after: float = 0.0  # seconds from the stop to the socket bound (an upper bound)
+
+    @property
+    def refused_s(self) -> float:
+        """How long the port refused: first to last refusal, plus one probe interval."""
+        if self.first is None or self.last is None:
+            return 0.0
+        return self.last - self.first + PROBE_EVERY
+
+    def line(self) -> str:
+        if not self.refused:
+            seen = f"no probe was refused (gap under {PROBE_EVERY * 1000:.0f} ms)"
+        else:
+            seen = (f"the public port refused connections for {self.refused_s * 1000:.0f} ms "
+                    f"({self.refused} of {self.probes} probes, one every "
+                    f"{PROBE_EVERY * 1000:.0f} ms)")
+        return f"gap: {seen}; stop → socket bound {self.bind_after * 1000:.0f} ms"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"refused_ms": round(self.refused_s * 1000, 1), "refused_probes": self.refused,
+                "probes": self.probes, "bind_after_ms": round(self.bind_after * 1000, 1)}
+
+
+class GapProbe:
+    """Connects to the public port every PROBE_EVERY seconds (and closes at once) from
+    before the stop until stopped; records when connections were refused."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.gap = Gap()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gap-probe", daemon=True)
+
+    def __enter__(self) -> GapProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                socket.create_connection(self.address, timeout=0.5).close()
+            except ConnectionRefusedError:
+                self.gap.refused += 1
+                self.gap.first = self.gap.first or began
+                self.gap.last = began
+            except OSError:
+                pass  # a timeout is not a refusal: the connection waited in a backlog
+            self.gap.probes += 1
+            self._stop.wait(PROBE_EVERY)
+
+
+def port_free(listen: str, port: int) -> bool:
+    """Whether the socket unit could bind ``listen`` now (SO_REUSEADDR, as systemd binds)."""
+    if ":" in listen:
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+    else:  # a bare port: systemd binds [::] (dual-stack), or 0.0.0.0 without IPv6
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    for family, host in candidates:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and host == "::":
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            continue  # no IPv6 here: try the next way systemd would bind
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- doing it
+
+@dataclass
+class Result:
+    plan: Plan
+    gap: Gap = field(default_factory=Gap)
+    steps: dict[str, float] = field(default_factory=dict)
+    current: str = ""  # the step running (or that failed)
+    legacy: str = "untouched"  # untouched | replaced | restored | restore failed
+    warnings: list[str] = field(default_factory=list)
+    hooks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Takeover:
+    def __init__(self, d: Deployer, unit_dir: Path) -> None:
+        self.d, self.unit_dir, self.say = d, unit_dir, d.say
+        self.sd, self.env = d.sd, d.env
+
+    def run(self, unit: str, build_arg: str | None, *, dry_run: bool) -> Result:
+        unit = unit if "." in unit else f"{unit}.service"
+        legacy = Legacy.from_props(unit, self.sd.show(unit, *LEGACY_PROPS))
+        build = builds.resolve(self.env, build_arg)
+        the_plan = make_plan(self.d, legacy, build.name)
+        if dry_run:
+            for line in the_plan.describe():
+                self.say(line)
+            return Result(the_plan)
+        with self.d.lock(f"install {self.env.name} --takeover {unit} {build.name}"):
+            return self._run(the_plan, build)
+
+    def _run(self, p: Plan, build: builds.Build) -> Result:
+        result = Result(p)
+        deploy_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        self.say(f"takeover of {p.legacy.unit}: {build.name} → blue")
+        undo = Undo()
+        try:
+            self._check(p, result)
+            self._prepare(p, build, undo, result)
+        except BaseException as exc:
+            problems = undo.run()
+            self._record(p, deploy_id, result, exc)
+            if isinstance(exc, SwitchError | OSError):
+                message = exc.message if isinstance(exc, SwitchError) else str(exc)
+                raise AbortedError(
+                    f"takeover aborted before {p.legacy.unit} was stopped: {message}; "
+                    + (f"nothing was changed, {p.legacy.unit} still serves" if not problems
+                       else f"{p.legacy.unit} still serves, but undoing failed: "
+                       + "; ".join(problems)),
+                    exc.hint if isinstance(exc, SwitchError) else "") from None
+            raise
+        try:
+            self._cut_over(p, undo, result, deploy_id)
+        except BaseException as exc:
+            self._restore(p, undo, result, deploy_id, exc)
+            raise
+        result.legacy = "replaced"
+        self._finish(p, build, result)
+        self._record(p, deploy_id, result, None)
+        return result
+
+    # -- steps --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, step: Step, result: Result, label: str = "") -> Iterator[None]:
+        result.current = step.value
+        if os.environ.get(TEST_FAIL_VAR) == step.value:
+            raise SwitchError(f"injected failure at step {step} ({TEST_FAIL_VAR})")
+        began = time.monotonic()
+        yield
+        took = time.monotonic() - began
+        result.steps[step.value] = round(took, 3)
+        self.say(f"  {step.value:<16} {took:7.2f} s  {label}".rstrip())
+
+    def _check(self, p: Plan, result: Result) -> None:
+        with self._step(Step.check, result):
+            legacy, names = p.legacy, p.names
+            props = self.sd.show(legacy.unit, "LoadState")
+            if props["LoadState"] != "loaded":
+                raise UsageError(f"{legacy.unit} is not loaded (LoadState={props['LoadState']})",
+                                 f"name the unit that runs the app now (systemctl status "
+                                 f"{legacy.unit})")
+            ours = {names["socket"], names["template"], self.d.unit(Color.blue),
+                    self.d.unit(Color.green)}
+            if legacy.unit in ours:
+                raise UsageError(f"{legacy.unit} is one of alive-switch's own units",
+                                 "name the legacy unit that runs the app")
+            if p.same_name and _rendered_by_us(legacy.fragment):
+                raise UsageError(f"{legacy.unit} is already alive-switch's router",
+                                 f"deploy instead: alive-switch deploy {self.env.name}")
+            if self.sd.show(names["socket"], "ActiveState")["ActiveState"] == "active":
+                raise UsageError(f"{names['socket']} is already active: the port is "
+                                 "alive-switch's; a takeover is the first cut-over only",
+                                 f"deploy instead: alive-switch deploy {self.env.name}")
+            if self.d.load_state().active is not None:
+                raise UsageError(f"{self.env.name} already has a live color",
+                                 f"deploy instead: alive-switch deploy {self.env.name}")
+            self._check_holders(p)
+
+    def _check_holders(self, p: Plan) -> None:
+        holders = install.port_holders(self.env.listen_port)
+        foreign = [h for h in holders if h.unit != p.legacy.unit]
+        if foreign:
+            raise UsageError(f"port {self.env.listen_port} is held by {foreign[0].describe()}, "
+                             f"not by {p.legacy.unit}: stopping {p.legacy.unit} would not "
+                             "free it", "name the unit that holds the port (see: ss -ltnp "
+                             f"'sport = :{self.env.listen_port}')")
+        if p.legacy.active and not holders:
+            self.say(f"note: {p.legacy.unit} does not listen on port {self.env.listen_port}")
+
+    def _prepare(self, p: Plan, build: builds.Build, undo: Undo, result: Result) -> None:
+        with self._step(Step.backup, result, str(p.backup_dir)):
+            self._backup(p, undo)
+        with self._step(Step.write_units, result):
+            self._write_units(p, undo, skip={p.names["router"]} if p.same_name else set())
+        with self._step(Step.start_blue, result, f"{build.name} on port "
+                        f"{self.env.port(Color.blue)}"):
+            self._preflight(build)
+            started = self._start_blue(build, undo)
+        with self._step(Step.health, result):
+            self._health_gate(started)
+        with self._step(Step.pre_switch, result):
+            self._hook("pre_switch", build, result, abort=True)
+        if p.legacy.enabled:
+            with self._step(Step.disable_legacy, result, p.legacy.unit):
+                self.sd.disable(p.legacy.unit)
+                undo.add(f"enable {p.legacy.unit}", lambda: self.sd.enable(p.legacy.unit))
+
+    def _backup(self, p: Plan, undo: Undo) -> None:
+        env_dir = self.d.env_dir
+        if not env_dir.exists():
+            env_dir.mkdir(parents=True, mode=0o755)
+            undo.add(f"remove {env_dir}", lambda: shutil.rmtree(env_dir))
+        target = p.backup_dir
+        if not target.exists():
+            target.mkdir(mode=0o700)
+            undo.add(f"remove {target}", lambda: shutil.rmtree(target, ignore_errors=True))
+        legacy = p.legacy
+        if legacy.fragment and Path(legacy.fragment).is_file():
+            shutil.copy2(legacy.fragment, target / f"{legacy.unit}.bak")
+        for dropin in legacy.dropins:
+            if Path(dropin).is_file():
+                (target / f"{legacy.unit}.d").mkdir(exist_ok=True)
+                shutil.copy2(dropin, target / f"{legacy.unit}.d" / Path(dropin).name)
+        info = {"unit": legacy.unit, "fragment": legacy.fragment,
+                "dropins": list(legacy.dropins), "was_enabled": legacy.enabled,
+                "was_active": legacy.active, "time": round(time.time(), 3),
+                "restore": f"cp {target / (legacy.unit + '.bak')} {legacy.fragment}; "
+                           f"systemctl daemon-reload; systemctl enable --now {legacy.unit}"}
+        state.write_atomic(target / "legacy.json", (json.dumps(info, indent=2) + "\n").encode())
+
+    def _write_units(self, p: Plan, undo: Undo, skip: set[str]) -> None:
+        # Registered first, so it runs last: after the files are back as they were.
+        undo.add("daemon-reload", self.sd.daemon_reload)
+        files = render.render(self.d.cfg, self.env)
+        for rel, text in sorted(files.items()):
+            if rel not in skip:
+                self._put(self.unit_dir / rel, text.encode(), undo)
+        self.sd.daemon_reload()
+        settings = install.router_settings(self.d.cfg, self.env)
+        undo.add("router settings", snapshot(self.d.env_dir / state.ROUTER_SETTINGS))
+        state.save_router_settings(self.d.env_dir, settings)
+
+    def _put(self, path: Path, data: bytes, undo: Undo) -> None:
+        if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
+            return
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            parent = path.parent
+            undo.add(f"remove {parent}", lambda: shutil.rmtree(parent, ignore_errors=True))
+        undo.add(f"restore {path}", snapshot(path))
+        state.write_atomic(path, data)
+
+    def _preflight(self, build: builds.Build) -> None:
+        subject = checks.Subject(self.d.cfg.app, self.env, self.sd, Color.blue, None,
+                                 build.path)
+        results = [check(subject) for check in PREFLIGHT]
+        for line in (r.line() for r in results if r.level is not checks.Level.ok):
+            self.say(f"    {line}")
+        failed = checks.failures(results)
+        if failed:
+            raise AbortedError("pre-flight failed: " + "; ".join(
+                f"{c.name}: {c.detail}" for c in failed), "fix it, then run the takeover again")
+
+    def _start_blue(self, build: builds.Build, undo: Undo) -> dict[str, str]:
+        blue, env_dir = self.d.unit(Color.blue), self.d.env_dir
+        link, env_file = state.color_link(env_dir, Color.blue), env_dir / "blue.env"
+        undo.add("blue's link", snapshot(link))
+        undo.add("blue's env file", snapshot(env_file))
+        state.symlink_atomic(link, build.path)
+        state.write_atomic(env_file, f"ALIVE_SWITCH_BUILD={_env_quote(build.name)}\n".encode())
+        undo.add(f"stop {blue}", lambda: self.sd.stop(blue))
+        self.sd.reset_failed(blue)
+        try:
+            self.sd.restart(blue)
+        except SwitchError as exc:
+            raise AbortedError(f"blue failed to start {build.name}: {exc.message}",
+                               self.d.journal_hint(Color.blue)) from None
+        return self.d.identity(Color.blue)
+
+    def _health_gate(self, started: dict[str, str]) -> None:
+        env = self.env
+        port = env.port(Color.blue)
+        probe = health.wait_healthy(env.host, port, env.health,
+                                    still_running=lambda: self.d.gone(Color.blue, started))
+        if not probe.ok:
+            where = health.url(env.host, port, env.health.path)
+            raise AbortedError(f"blue failed its health check: GET {where} → {probe.detail}",
+                               self.d.journal_hint(Color.blue))
+
+    def _hook(self, name: str, build: builds.Build, result: Result, *, abort: bool) -> None:
+        run = self.d.run_hook(name, Color.blue, build.name, build.path)
+        if run is None:
+            return
+        result.hooks.append(run.to_json())
+        if run.ok:
+            return
+        problem = f"{name} hook failed ({run.outcome}): {run.command}"
+        if abort:
+            raise AbortedError(problem, "fix the hook and run the takeover again")
+        result.warnings.append(problem)
+        self.say(f"warning: {problem}")
+
+    # -- the cut-over ---------------------------------------------------------------------
+
+    def _cut_over(self, p: Plan, undo: Undo, result: Result, deploy_id: str) -> None:
+        legacy, sd, names = p.legacy, self.sd, p.names
+        stopping: threading.Thread | None = None
+        stop_error: list[BaseException] = []
+        with GapProbe(install.listen_probe_address(self.env)) as probe:
+            result.gap = probe.gap
+            began = time.monotonic()
+            if legacy.active:
+                with self._step(Step.stop_legacy, result, legacy.unit):
+                    # `stopping` is read when the undo runs: by then it is set.
+                    undo.add(f"start {legacy.unit}",
+                             lambda: self._start_legacy(legacy.unit, stopping))
+                    if p.same_name:
+                        sd.stop(legacy.unit)  # its file is replaced next: it must be gone
+                    else:
+                        stopping = _in_background(lambda: sd.stop(legacy.unit), stop_error)
+                        self._wait_port_free(stopping, stop_error)
+            if p.same_name:
+                with self._step(Step.write_router, result):
+                    self._replace_legacy_file(p, undo)
+            with self._step(Step.bind, result, names["socket"]):
+                sd.reset_failed(names["socket"])
+                undo.add(f"stop {names['socket']}", lambda: sd.stop(names["socket"]))
+                sd.start(names["socket"])
+                result.gap.bind_after = time.monotonic() - began
+            with self._step(Step.commit, result):
+                committed = self._commit(p, undo, deploy_id)
+            with self._step(Step.start_router, result, names["router"]):
+                self._start_router(p, undo, committed)
+        self.say(result.gap.line())
+        if stopping is not None:
+            stopping.join()  # the rest of UNIT's own graceful stop
+            if stop_error:
+                # The port was free and the new units serve: too late to go back for this.
+                problem = f"stopping {legacy.unit} reported: {stop_error[0]}"
+                result.warnings.append(problem)
+                self.say(f"warning: {problem}")
+
+    def _wait_port_free(self, stopping: threading.Thread, stop_error: list[BaseException]
+                        ) -> None:
+        """Until UNIT closed its listener (not until it exited: it may drain for long)."""
+        port = self.env.listen_port
+        while not port_free(self.env.listen_address, port):
+            if not stopping.is_alive():
+                if stop_error:
+                    raise stop_error[0]
+                if not port_free(self.env.listen_address, port):
+                    raise SwitchError(f"port {port} is still held after its unit stopped",
+                                      f"see: ss -ltnp 'sport = :{port}'")
+                return
+            time.sleep(PORT_POLL)
+
+    def _start_legacy(self, unit: str, stopping: threading.Thread | None) -> None:
+        if stopping is not None:
+            stopping.join()
+        self.sd.reset_failed(unit)
+        self.sd.start(unit)
+
+    def _replace_legacy_file(self, p: Plan, undo: Undo) -> None:
+        undo.add("daemon-reload", self.sd.daemon_reload)
+        # UNIT's own drop-ins would apply to our router: set aside (they are in the backup).
+        own = self.unit_dir / f"{p.legacy.unit}.d"
+        for dropin in map(Path, p.legacy.dropins):
+            if dropin.parent == own and dropin.is_file():
+                undo.add(f"restore {dropin}", snapshot(dropin))
+                dropin.unlink()
+        with contextlib.suppress(OSError):
+            own.rmdir()  # only when empty: files it may hold that are not UNIT's stay
+            undo.add(f"recreate {own}", lambda: own.mkdir(exist_ok=True))
+        text = render.render(self.d.cfg, self.env)[p.names["router"]]
+        self._put(self.unit_dir / p.names["router"], text.encode(), undo)
+        self.sd.daemon_reload()
+
+    def _commit(self, p: Plan, undo: Undo, deploy_id: str) -> State:
+        env_dir = self.d.env_dir
+        current = self.d.load_state()
+        committed = current.with_(active=Color.blue, builds={**current.builds,
+                                                             Color.blue: p.build},
+                                  pending=None, fallback=None, drain_until=None,
+                                  deploy_id=deploy_id)
+        undo.add("state.json.prev", snapshot(env_dir / state.STATE_PREV))
+        undo.add("state.json", snapshot(env_dir / state.STATE))
+        state.save_state(env_dir, committed)
+        return committed
+
+    def _start_router(self, p: Plan, undo: Undo, committed: State) -> None:
+        router = p.names["router"]
+        self.sd.reset_failed(router)
+        undo.add(f"stop {router}", lambda: self.sd.stop(router))
+        self.sd.restart(router)
+        # It read state.json as it started; this only covers a router that did not.
+        if serving(self.d.router.status()) != Color.blue:
+            self.d.router.switch(Color.blue, None, None, committed.builds)
+
+    def _restore(self, p: Plan, undo: Undo, result: Result, deploy_id: str,
+                 exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, SwitchError) else str(exc) or repr(exc)
+        self.say(f"takeover failed after {p.legacy.unit} was stopped: {message}; "
+                 f"restoring {p.legacy.unit}")
+        problems = undo.run()
+        result.legacy = "restore failed" if problems else "restored"
+        self._record(p, deploy_id, result, exc)
+        if problems:
+            raise SwitchError(f"takeover failed after {p.legacy.unit} was stopped ({message}) "
+                              f"and restoring it failed too: {'; '.join(problems)}",
+                              f"restore it by hand: see {p.backup_dir / 'legacy.json'}"
+                              ) from None
+        if isinstance(exc, SwitchError | OSError):
+            raise AbortedError(f"takeover failed after {p.legacy.unit} was stopped: {message};"
+                               f" {p.legacy.unit} was restored (enabled as before, started) "
+                               "and serves again; our units were removed",
+                               exc.hint if isinstance(exc, SwitchError) else "") from None
+
+    # -- after ----------------------------------------------------------------------------
+
+    def _finish(self, p: Plan, build: builds.Build, result: Result) -> None:
+        """The new stack serves: from here a failure is a warning, never a restore."""
+        with self._step(Step.enable, result):
+            for unit in (p.names["socket"], p.names["router"], p.blue):
+                try:
+                    self.sd.enable(unit)
+                except SwitchError as exc:
+                    result.warnings.append(f"could not enable {unit}: {exc.message}")
+                    self.say(f"warning: could not enable {unit} (run `systemctl enable {unit}`)")
+        with self._step(Step.post_switch, result):
+            self._hook("post_switch", build, result, abort=False)
+        self.say(f"{build.name} is live on blue; {p.legacy.unit} is stopped and disabled, its "
+                 f"unit file backed up in {p.backup_dir}/")
+
+    def _record(self, p: Plan, deploy_id: str, result: Result, exc: BaseException | None
+                ) -> None:
+        failed = exc is not None
+        message = "" if not failed else (exc.message if isinstance(exc, SwitchError)
+                                         else str(exc) or repr(exc))
+        self.d.record({
+            "kind": "deploy", "deploy_id": deploy_id, "color": "blue", "build": p.build,
+            "from": None, "outcome": "failed" if failed else "ok", "message": message,
+            "failed_phase": result.current if failed else None,
+            "phases": result.steps, "warnings": result.warnings, "hooks": result.hooks,
+            "takeover": {"unit": p.legacy.unit, "backup": str(p.backup_dir),
+                         "gap": result.gap.to_json(), "legacy": result.legacy},
+        })
+
+
+def _in_background(action: Callable[[], None], errors: list[BaseException]
+                   ) -> threading.Thread:
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="stop-legacy", daemon=True)
+    thread.start()
+    return thread
+
+
+def _rendered_by_us(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as unit_file:
+            return unit_file.read(64).startswith("# Rendered by alive-switch")
+    except OSError:
+        return False
