@@ -507,8 +507,7 @@ class Takeover:
         problem = f"{name} hook failed ({run.outcome}): {run.command}"
         if abort:
             raise AbortedError(problem, "fix the hook and run the takeover again")
-        result.warnings.append(problem)
-        self.say(f"warning: {problem}")
+        self._warn(result, problem)
 
     # -- the cut-over ---------------------------------------------------------------------
 
@@ -546,9 +545,7 @@ class Takeover:
             stopping.join()  # the rest of UNIT's own graceful stop
             if stop_error:
                 # The port was free and the new units serve: too late to go back for this.
-                problem = f"stopping {legacy.unit} reported: {stop_error[0]}"
-                result.warnings.append(problem)
-                self.say(f"warning: {problem}")
+                self._warn(result, f"stopping {legacy.unit} reported: {stop_error[0]}")
 
     def _wait_port_free(self, stopping: threading.Thread, stop_error: list[BaseException]
                         ) -> None:
@@ -629,17 +626,27 @@ class Takeover:
 
     def _finish(self, p: Plan, build: builds.Build, result: Result) -> None:
         """The new stack serves: from here a failure is a warning, never a restore."""
-        with self._step(Step.enable, result):
-            for unit in (p.names["socket"], p.names["router"], p.blue):
-                try:
-                    self.sd.enable(unit)
-                except SwitchError as exc:
-                    result.warnings.append(f"could not enable {unit}: {exc.message}")
-                    self.say(f"warning: could not enable {unit} (run `systemctl enable {unit}`)")
-        with self._step(Step.post_switch, result):
-            self._hook("post_switch", build, result, abort=False)
+        try:
+            with self._step(Step.enable, result):
+                for unit in (p.names["socket"], p.names["router"], p.blue):
+                    self._enable(unit, result)
+            with self._step(Step.post_switch, result):
+                self._hook("post_switch", build, result, abort=False)
+        except SwitchError as exc:
+            self._warn(result, f"{exc.message} (after the cut-over: blue serves)")
         self.say(f"{build.name} is live on blue; {p.legacy.unit} is stopped and disabled, its "
                  f"unit file backed up in {p.backup_dir}/")
+
+    def _enable(self, unit: str, result: Result) -> None:
+        try:
+            self.sd.enable(unit)
+        except SwitchError as exc:
+            self._warn(result, f"could not enable {unit} at boot: {exc.message}; run "
+                               f"`systemctl enable {unit}`")
+
+    def _warn(self, result: Result, warning: str) -> None:
+        result.warnings.append(warning)
+        self.say(f"warning: {warning}")
 
     def _record(self, p: Plan, deploy_id: str, result: Result, exc: BaseException | None
                 ) -> None:

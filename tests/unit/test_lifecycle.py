@@ -443,3 +443,15 @@ def test_status_overview_has_one_line_per_environment_and_notes() -> None:
                                 "deploy", "ok"]
     assert lines[2].split() == ["stage", "-", "-", "active", "inactive", "inactive", "-"]
     assert lines[3] == "note: lc-prod: restart pending: blue started before the config changed"
+
+
+@pytest.mark.usefixtures("health_servers", "no_host_checks")
+def test_a_failure_after_the_cut_over_is_a_warning_not_a_restore(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
+    monkeypatch.setenv(TEST_FAIL_VAR, "enable")
+    result = Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+    assert result.warnings and "injected failure at step enable" in result.warnings[0]
+    assert sd.units["legacy.service"].active == "inactive"
+    assert d.load_state().active == Color.blue
+    assert state.read_history(d.env_dir)[-1]["outcome"] == "ok"
