@@ -64,7 +64,8 @@ EXAMPLES = {
     "repair": "alive-switch repair production",
     "check": "alive-switch check production\nalive-switch check production 2026-02-03.2",
     "status": "alive-switch status production\n"
-              "alive-switch status production --json | jq -r .live",
+              "alive-switch status production --json | jq -r .live\n"
+              "alive-switch status                     # every environment, one line each",
     "history": "alive-switch history production",
     "init": "alive-switch init production --listen 9000 --ports 9001,9002 \\\n"
             "    --exec '/usr/bin/node server.js' --builds /srv/alive/builds/production \\\n"
