@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # A closed pipe (e.g. `| head`) is not an error; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 
