@@ -299,8 +299,7 @@ class Deployer:
                                                                   self.clock.now()):
                 self.sd.stop(self.unit(target))
                 self.say(f"stopped {self.unit(target)} (its deploy was interrupted)")
-            builds_now = {**current.builds, target: self.linked_build(target)}
-            current = current.with_(pending=None, builds=builds_now)
+            current = self._undo_link(current, target)
         if actual != current.active and current.active is not None:
             self.router.switch(current.active, current.fallback, current.drain_until,
                                current.builds)
@@ -401,12 +400,21 @@ class Deployer:
         return withdrawn
 
     def _clear_intent(self, target: Color) -> None:
-        """After an abort before the switch: nothing pending, the link as it now is."""
+        """After an abort before the switch: nothing pending, the color's link back."""
         with contextlib.suppress(NeedsRepairError, OSError):
             current = self.load_state()
             if current.pending is not None and not current.pending.phase.past_switch:
-                builds_now = {**current.builds, target: self.linked_build(target)}
-                state.save_state(self.env_dir, current.with_(pending=None, builds=builds_now))
+                state.save_state(self.env_dir, self._undo_link(current, target))
+
+    def _undo_link(self, current: State, target: Color) -> State:
+        """Point ``target`` back at the build it last ran for real, so a refused build
+        never becomes what a rollback would start. ``builds`` keeps that build's name."""
+        before = current.builds.get(target)
+        path = Path(self.env.builds) / before if before else None
+        if path is not None and path.is_dir() and self.linked_build(target) != before:
+            state.symlink_atomic(state.color_link(self.env_dir, target), path)
+            self.say(f"{target} points at {before} again")
+        return current.with_(pending=None)
 
     def _committed(self, current: State, target: Color, build: str, deploy_id: str,
                    t0: float) -> State:

@@ -87,9 +87,6 @@ def test_the_demo_keeps_every_guarantee_it_can_check(
     assert str(workdir) not in LOCK_FILE.read_text()  # not recorded as running any more
 
 
-@pytest.mark.xfail(strict=True, reason="a refused deploy leaves the color's link (and "
-                   "state.builds) on the refused build, so the rollback after it restarts "
-                   "build 3 instead of build 1: deploy._clear_intent")
 def test_the_demo_rolls_back_to_build_1_and_exits_0(
         demo: tuple[subprocess.CompletedProcess[str], float, Path]) -> None:
     done, _, _ = demo

@@ -252,3 +252,18 @@ def test_lock_held_is_refused_naming_the_holder(world) -> None:
     with d.lock("deploy prod b9"), pytest.raises(LockHeldError, match="deploy prod b9") as c:
         d.deploy("b1", force=False, dry_run=False)
     assert c.value.exit_code == 4
+
+
+def test_a_refused_build_never_becomes_the_rollback_target(world) -> None:
+    d, _, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    Health.status[BLUE] = 503
+    with pytest.raises(AbortedError):
+        d.deploy("b3", force=False, dry_run=False)
+    assert Path(d.env_dir / "blue").resolve().name == "b1", "the link points back at b1"
+    assert d.load_state().builds[Color.blue] == "b1"
+    Health.status[BLUE] = 200
+    outcome = d.rollback(dry_run=False)
+    assert (outcome.target, outcome.build) == (Color.blue, "b1")
+    assert Path(d.env_dir / "blue").resolve().name == "b1"
