@@ -4,13 +4,15 @@
   systemd passed (with ``backlog``: asyncio and uvloop would otherwise ``listen(100)`` on
   the shared socket, and it stays 100 after the router exits) and the control socket; then
   READY=1, STATUS= about once a second when it changed, and WATCHDOG=1 from the event loop.
-- serve: connections are forwarded by :mod:`switcher.router.tcp`, commands answered by
+- serve: connections are forwarded by :mod:`switcher.router.tcp` (mode tcp) or requests by
+  :mod:`switcher.router.http` (mode http), commands answered by
   :mod:`switcher.router.control`. Signal handlers only queue the signal; the loop acts on
   it in ``handle_term`` (SIGTERM, SIGINT) and ``handle_hup`` (SIGHUP, the unit's ExecReload).
 - shutdown: STOPPING=1; close our servers, which closes our descriptor of the listening
   socket and never calls ``shutdown()`` on it (that would stop it for every holder, systemd
   included: the kernel keeps queueing connections for the next router); let open
-  connections finish for ``restart_drain`` seconds, then cut the rest.
+  connections finish for ``restart_drain`` seconds (http: idle keep-alive connections are
+  closed at once, the others after the response in flight), then cut the rest.
 
 The view of state: on start the router serves ``State.serving()`` (``active``, or a pending
 target past the switch) with the fallback window and ``drain_until`` of ``state.json`` (or
@@ -34,11 +36,12 @@ from typing import Any
 from switcher import state as files
 from switcher.errors import NeedsRepairError, SwitchError, UsageError
 from switcher.model import Color, Fallback, Mode, RouterSettings, State
-from switcher.router import tcp
+from switcher.router import http, tcp
 from switcher.router.activation import Notifier, log
 from switcher.router.control import ControlServer, ControlSocketError, open_control
 
 STATUS_EVERY = 1.0  # seconds between STATUS= checks (each update costs PID 1 ~0.1 ms)
+SWEEP_EVERY = 0.5  # seconds between checks of http timeouts (no per-request timers)
 
 
 class SettingsError(UsageError):
@@ -112,6 +115,12 @@ class Router:
             self.view, self.source = State(), "none"
         self.switched_at: float | None = None
         self.links: dict[Color, set[tcp.Link]] = {c: set() for c in Color}
+        # http mode: every client connection; requests in flight are counted per color.
+        self.conns: set[http.Conn] = set()
+        self.backends = {c: http.Backend(c, settings.colors.get(c)) for c in Color}
+        self.limits = http.Limits.from_settings(settings)
+        self.live: http.Backend | None = None
+        self._serve_view(self.view)
         self.open = 0
         self.total = dict.fromkeys(Color, 0)
         self.errors = dict.fromkeys(Color, 0)
@@ -131,7 +140,7 @@ class Router:
         listening = ", ".join(_address(s) for s in self.sockets)
         for sock in self.sockets:
             self.servers.append(await self.loop.create_server(
-                self._link, sock=sock, backlog=self.settings.backlog))
+                self._connection, sock=sock, backlog=self.settings.backlog))
         try:
             self.control = await open_control(self.settings.control_socket,
                                               self.settings.control_group, self)
@@ -142,6 +151,7 @@ class Router:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self._schedule_cut()
+        self.loop.call_later(SWEEP_EVERY, self._sweep)
         line = self.status_line()
         self.notifier.ready(line)
         if self.notifier.enabled:
@@ -176,6 +186,8 @@ class Router:
         self.notifier.send("STOPPING=1")
         for server in self.servers:
             server.close()  # our descriptor only; never shutdown() the shared socket
+        for conn in list(self.conns):
+            conn.stop()
         if self.open:
             self.notifier.status(self.status_line())
             with contextlib.suppress(TimeoutError):
@@ -192,7 +204,9 @@ class Router:
 
     # -- routing (called by tcp.Link) --------------------------------------------------------
 
-    def _link(self) -> tcp.Link:
+    def _connection(self) -> tcp.Link | http.Conn:
+        if self.http:
+            return http.Conn(self, self.limits)
         return tcp.Link(self)
 
     def admit(self, link: tcp.Link) -> None:
@@ -252,7 +266,10 @@ class Router:
         doomed = [link for color in colors for link in self.links[color]]
         for link in doomed:
             link.close(abort=True)
-        return len(doomed)
+        busy = [conn for conn in self.conns if conn.busy_on in colors]
+        for conn in busy:
+            conn.cut()
+        return len(doomed) + len(busy)
 
     def _schedule_cut(self) -> None:
         """At ``drain_until``, cut what is still open on colors other than the serving one."""
@@ -262,6 +279,47 @@ class Router:
         if self.view.drain_until is not None:
             delay = self.view.drain_until - time.time()
             self.cut_timer = self.loop.call_later(max(delay, 0.0), self._cut_draining)
+
+    # -- routing (called by http.Conn) -------------------------------------------------------
+
+    def accept(self, conn: http.Conn) -> bytes | None:
+        """Count a new client connection in, or say why it is turned away."""
+        if self.open >= self.settings.max_connections:
+            return http.TOO_MANY
+        self.open += 1
+        self.conns.add(conn)
+        return None
+
+    def fallback(self, tried: list[Color]) -> http.Backend | None:
+        """After a refused connect: the serving color or the open fallback, if not tried
+        yet. Never any other color."""
+        for color in (self.view.active, self.view.fallback_at(time.time())):
+            if color is not None and color not in tried and color in self.colors:
+                return self.backends[color]
+        return None
+
+    def gone(self, conn: http.Conn) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.open -= 1
+            if self.open == 0 and self.stopping:
+                self.idle.set()
+
+    def _serve_view(self, view: State) -> None:
+        """Serve ``view``: new requests go to its active color from now on."""
+        self.view = view
+        active = view.active
+        self.live = self.backends[active] if active in self.colors else None
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.conns):
+            conn.check(now)
+        self.loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def _inflight(self, color: Color) -> int:
+        """tcp: connections open; http: requests (and tunnels) in flight."""
+        return len(self.links[color]) + self.backends[color].inflight
 
     def _cut_draining(self) -> None:
         self.cut_timer = None
@@ -280,9 +338,9 @@ class Router:
             "mode": self.settings.mode.value, "serving": _name(view.active),
             "fallback": _fallback_json(fallback),
             "fallback_open": _name(view.fallback_at(time.time())),
-            "inflight": {c.value: len(self.links[c]) for c in Color},
-            "total": {c.value: n for c, n in self.total.items()},
-            "errors": {c.value: n for c, n in self.errors.items()},
+            "inflight": {c.value: self._inflight(c) for c in Color},
+            "total": {c.value: n + self.backends[c].total for c, n in self.total.items()},
+            "errors": {c.value: n + self.backends[c].errors for c, n in self.errors.items()},
             "builds": {c.value: b for c, b in view.builds.items()},
             "state_source": self.source, "drain_until": view.drain_until,
             "switched_at": self.switched_at, "stopping": self.stopping,
@@ -295,11 +353,14 @@ class Router:
         if target not in self.colors:
             raise UsageError(f"no address for {target} in {self.env_dir / 'router.json'}")
         before = self.view.active
-        # In effect from here on: admit() reads view.active for every new connection.
-        self.view = replace(self.view, active=target, fallback=fallback,
-                            drain_until=drain_until, builds={**self.view.builds, **builds},
-                            previous=before if before not in (None, target)
-                            else self.view.previous)
+        # In effect from here on: admit() reads view.active for every new connection, and
+        # http.Conn reads self.live for every request.
+        self._serve_view(replace(self.view, active=target, fallback=fallback,
+                                 drain_until=drain_until, builds={**self.view.builds, **builds},
+                                 previous=before if before not in (None, target)
+                                 else self.view.previous))
+        for conn in list(self.conns):
+            conn.leave_idle(self.live)
         self.switched_at = time.time()
         self._schedule_cut()
         log("notice", f"switched {before or 'nothing'} → {target}: {self.status_line()}")
@@ -319,7 +380,13 @@ class Router:
                    if getattr(settings, key) != getattr(self.settings, key)]
         self.settings, self.colors = settings, settings.colors
         self.http = settings.mode is Mode.http
-        self.view, self.source, self.switched_at = view, source, None
+        self.limits = http.Limits.from_settings(settings)
+        for color, backend in self.backends.items():
+            backend.address = settings.colors.get(color)
+        self._serve_view(view)
+        self.source, self.switched_at = source, None
+        for conn in list(self.conns):
+            conn.leave_idle(self.live)
         self._schedule_cut()
         log("notice", f"reloaded: {self.status_line()} (view from {source})"
                       + (f"; restart to apply {', '.join(restart)}" if restart else ""))
@@ -337,8 +404,8 @@ class Router:
         else:
             build = self.view.builds.get(live)
             parts = [f"serving {live} (build {build})" if build else f"serving {live}"]
-        parts += [f"{c} draining {len(self.links[c])}"
-                  for c in Color if c != live and self.links[c]]
+        parts += [f"{c} draining {self._inflight(c)}"
+                  for c in Color if c != live and self._inflight(c)]
         if self.control_problem:
             parts.append(self.control_problem)
         return " · ".join(parts)
