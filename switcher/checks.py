@@ -22,8 +22,7 @@ import psutil
 
 from switcher import health
 from switcher.config import Environment
-from switcher.model import Color
-from switcher.render import color_unit, unit_names
+from switcher.model import Color, color_unit, unit_names
 from switcher.systemd import Systemd
 
 

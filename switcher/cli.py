@@ -307,7 +307,7 @@ def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
               progress: Progress | None = None) -> Deployer:
     from switcher.deploy import Deployer  # noqa: PLC0415
     from switcher.install import control_socket  # noqa: PLC0415
-    from switcher.render import unit_names  # noqa: PLC0415
+    from switcher.model import unit_names  # noqa: PLC0415
     from switcher.routerctl import ControlSocket  # noqa: PLC0415
     from switcher.systemd import Systemctl  # noqa: PLC0415
 

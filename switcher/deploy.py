@@ -31,9 +31,8 @@ from switcher.errors import (
     SwitchError,
     UsageError,
 )
-from switcher.model import Color, Fallback, Pending, Phase, State
+from switcher.model import Color, Fallback, Pending, Phase, State, color_unit, unit_names
 from switcher.progress import Plain, Progress
-from switcher.render import color_unit, unit_names
 from switcher.routerctl import Router, serving
 from switcher.systemd import Systemd
 

@@ -160,6 +160,17 @@ class State:
         )
 
 
+def unit_names(app: str, env: str) -> dict[str, str]:
+    """The units of an environment. Here, not in render: naming must not import Jinja2."""
+    prefix = f"{app}-{env}"
+    return {"socket": f"{prefix}.socket", "router": f"{prefix}.service",
+            "template": f"{prefix}@.service"}
+
+
+def color_unit(app: str, env: str, color: Color) -> str:
+    return f"{app}-{env}@{color.value}.service"
+
+
 def _color(value: object) -> Color | None:
     return None if value is None else Color(str(value))
 

@@ -21,19 +21,11 @@ from importlib import resources
 import jinja2
 
 from switcher.config import Config, Environment
-from switcher.model import Color
+from switcher.model import Color, color_unit, unit_names
+
+__all__ = ["DROPIN", "color_unit", "render", "socket_section", "unit_names"]
 
 DROPIN = "color.conf"
-
-
-def unit_names(app: str, env: str) -> dict[str, str]:
-    prefix = f"{app}-{env}"
-    return {"socket": f"{prefix}.socket", "router": f"{prefix}.service",
-            "template": f"{prefix}@.service"}
-
-
-def color_unit(app: str, env: str, color: Color) -> str:
-    return f"{app}-{env}@{color.value}.service"
 
 
 def render(cfg: Config, env: Environment) -> dict[str, str]:

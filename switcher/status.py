@@ -32,8 +32,7 @@ from typing import Any
 
 from switcher import health, state
 from switcher.config import Config, Environment
-from switcher.model import Color, State
-from switcher.render import color_unit, unit_names
+from switcher.model import Color, State, color_unit, unit_names
 from switcher.routerctl import Router, RouterError
 from switcher.systemd import Systemd
 
