@@ -405,6 +405,10 @@ def _validate_positive(path: str, key: str, env: Environment) -> None:
         if value <= 0:
             raise ConfigError(path, f"{key}.{name}", f"{value!r} must be greater than 0",
                               "use a positive number")
+    if env.router.processes != 1:
+        raise ConfigError(path, f"{key}.router.processes", f"{env.router.processes} router "
+                          "processes are not supported yet (one process serves the socket)",
+                          "remove the key or set processes = 1")
     if env.standby < 0:
         raise ConfigError(path, f"{key}.standby", f"{env.standby!r} is negative",
                           "use 0 (retire when the watch ends) or a positive number of seconds")

@@ -129,6 +129,8 @@ def test_example_config_loads() -> None:
      "expected number"),
     (GOOD + '\n[env.production.router]\nmode = "htp"\n', "env.production.router.mode",
      "did you mean 'http'"),
+    (GOOD + "\n[env.production.router]\nprocesses = 2\n", "env.production.router.processes",
+     "not supported yet"),
 ])
 def test_bad_config_is_refused_naming_key_and_fix(tmp_path: Path, text: str, key: str,
                                                   words: str) -> None:
