@@ -367,6 +367,10 @@ class Client:
             body, self.buf = self.buf, b""
         return Response(status, headers, body, lines[0])
 
+    def line(self) -> bytes:
+        """The next line (through a tunnel)."""
+        return self._until(b"\n")
+
     def closed(self) -> bool:
         """The router closed the connection (EOF or reset) without sending more."""
         try:
@@ -675,10 +679,6 @@ def test_a_kept_alive_connection_the_color_closed_is_replaced(
 
 # -- tunnels -----------------------------------------------------------------------------------
 
-def read_line(c: Client) -> bytes:
-    return c._until(b"\n")
-
-
 def test_upgrade_becomes_a_tunnel_pinned_to_its_color_until_the_drain_ends(
         router: Callable[..., Router], colors: dict[Color, Color_]) -> None:
     r = router()
@@ -689,15 +689,15 @@ def test_upgrade_becomes_a_tunnel_pinned_to_its_color_until_the_drain_ends(
         assert answer.status == 101
         assert answer.headers["upgrade"] == "echo"
         assert answer.headers["connection"] == "upgrade"
-        assert read_line(ws) == b"blue tunnel"
-        assert read_line(ws) == b"blue: early"
+        assert ws.line() == b"blue tunnel"
+        assert ws.line() == b"blue: early"
         assert inflight(r) == {"blue": 1, "green": 0}  # a tunnel is in flight
         drain_until = time.time() + 1.0
         assert r.control({"cmd": "switch", "target": "green", "drain_until": drain_until})["ok"]
         with Client(r.port) as other:
             assert other.get("/").color == "green"
         ws.send(b"still here\n")
-        assert read_line(ws) == b"blue: still here"  # pinned to blue during the drain
+        assert ws.line() == b"blue: still here"  # pinned to blue during the drain
         assert ws.read_all() == b""  # then closed cleanly: EOF, not a reset
         assert time.time() >= drain_until - 0.1
     wait_for(lambda: inflight(r) == {"blue": 0, "green": 0}, what="the tunnel to end")
@@ -708,9 +708,9 @@ def test_connect_becomes_a_tunnel(router: Callable[..., Router]) -> None:
     with Client(r.port) as c:
         c.send(b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n")
         assert c.response(head_request=True).status == 200
-        assert read_line(c) == b"blue tunnel"
+        assert c.line() == b"blue tunnel"
         c.send(b"bytes\n")
-        assert read_line(c) == b"blue: bytes"
+        assert c.line() == b"blue: bytes"
         c.sock.shutdown(socket.SHUT_WR)  # half-close travels through
         assert c.read_all() == b""
 
