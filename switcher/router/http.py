@@ -120,26 +120,26 @@ PLAIN, HEAD, UPGRADE_REQUEST, CONNECT = range(4)
 
 STATUS = {code: b"HTTP/1.1 %d " % code for code in range(100, 1000)}
 
-# The fast path: a head that arrives whole in one read and matches these (a strict subset of
-# what llhttp accepts: token names, values of HTAB/SP/VCHAR/obs-text, CRLF only) is relayed
-# as it is, with the forwarding headers added, and a response framed by Content-Length
-# alone is relayed as it is; anything else goes through httptools.
+# The fast path: a head that arrives whole in one read and matches FAST_REQUEST (a strict
+# subset of what llhttp accepts: a known method, an origin-form target, HTTP/1.1, token
+# names, values of HTAB/SP/VCHAR/obs-text, CRLF only, exactly one Host and none of the
+# headers the router acts on) is relayed as it is plus the forwarding headers; a response
+# whose head matches FAST_RESPONSE (framed by one Content-Length alone) is relayed as it
+# is. Anything else goes through httptools. tests/unit/test_router_http.py checks that
+# llhttp reads whatever these match the same way.
 _FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n"
+_OTHER = rb"(?:(?!(?i:%s):)%s)*"
 FAST_REQUEST = re.compile(
-    rb"(?:GET|POST|PUT|DELETE|OPTIONS|PATCH) /[\x21-\x7e]{0,%d} HTTP/1\.1\r\n(?:%s)*\r\n"
-    % (MAX_REQUEST_LINE - 20, _FIELD))
-# Exactly one of these may appear in a fast request, and it must be Host.
-FAST_REQUEST_WATCH = re.compile(
-    rb"\r\n(?:host|content-length|transfer-encoding|connection|keep-alive|proxy-connection|te"
-    rb"|trailer|upgrade|expect|x-forwarded-for|x-forwarded-proto|forwarded):", re.IGNORECASE)
-FAST_HOST = b"\r\nhost:"
+    rb"(?:GET|POST|PUT|DELETE|OPTIONS|PATCH) /[\x21-\x7e]{0,%d} HTTP/1\.1\r\n"
+    rb"%s(?i:host):[\t\x20-\x7e\x80-\xff]*\r\n%s\r\n" % ((MAX_REQUEST_LINE - 20,) + (
+        _OTHER % (b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
+                  b"|proxy-connection|upgrade|expect|x-forwarded-for|x-forwarded-proto"
+                  b"|forwarded", _FIELD),) * 2))
 FAST_RESPONSE = re.compile(
-    rb"HTTP/1\.1 [2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n(?:%s)*\r\n" % _FIELD)
-# Exactly one of these may appear in a fast response, and it must be a Content-Length.
-FAST_RESPONSE_WATCH = re.compile(
-    rb"\r\n(?:content-length:[ \t]*([0-9]{1,15})[ \t]*(?=\r\n)|(?:content-length"
-    rb"|transfer-encoding|connection|keep-alive|proxy-connection|upgrade|trailer):)",
-    re.IGNORECASE)
+    rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n"
+    rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((
+        _OTHER % (b"content-length|transfer-encoding|connection|keep-alive|proxy-connection"
+                  b"|upgrade|trailer", _FIELD),) * 2))
 _now = time.monotonic
 
 
@@ -335,11 +335,7 @@ class Conn(asyncio.Protocol):
 
     def _fast(self, data: bytes) -> bool:
         """Take a whole, plain, bodiless head read in one piece (see FAST_REQUEST)."""
-        if data.find(HEAD_END) != len(data) - 4 or len(data) > self.limits.max_header_bytes \
-                or FAST_REQUEST.fullmatch(data) is None:
-            return False
-        watched = FAST_REQUEST_WATCH.findall(data)
-        if len(watched) != 1 or watched[0].lower() != FAST_HOST:
+        if len(data) > self.limits.max_header_bytes or FAST_REQUEST.fullmatch(data) is None:
             return False
         req = Request()
         req.ready = req.done = req.fast = True
@@ -347,13 +343,13 @@ class Conn(asyncio.Protocol):
         self.queue.append(req)
         up, backend = self.up, self.routes.live
         if up is not None and backend is not None and up.backend is backend and \
-                up.reusable() and not self.paused:
+                not up.eof and up.transport is not None and not self.paused:
             # Kept alive to the live color: straight there (what _pump would do, for less).
             self.backend = backend
             backend.inflight += 1
             backend.total += 1
             up.begin(req)
-            cast(asyncio.Transport, up.transport).write(head)
+            up.transport.write(head)
         else:
             req.out.append(head)
             self._pump()
@@ -603,7 +599,10 @@ class Conn(asyncio.Protocol):
 
     def response_done(self, up: Upstream) -> None:
         req = self.queue.popleft()
-        self._release()
+        backend = self.backend
+        if backend is not None:  # (_release, inlined: this runs for every response)
+            backend.inflight -= 1
+            self.backend = None
         up.request = None
         if up.keep and req.done and req.keep_alive and not up.close_client and \
                 not self.queue and up.backend is self.routes.live and \
@@ -944,23 +943,21 @@ class Upstream(asyncio.Protocol):
 
     def _fast(self, data: bytes) -> bool:
         """Relay a whole head framed by Content-Length alone as it is (see FAST_RESPONSE)."""
-        end = data.find(HEAD_END) + 4
-        if end < 4 or FAST_RESPONSE.fullmatch(data, 0, end) is None or \
-                data[9:12] in (b"204", b"304"):
-            return False
-        watched = FAST_RESPONSE_WATCH.findall(data, 0, end)
-        if len(watched) != 1 or not watched[0]:
+        head = FAST_RESPONSE.match(data)
+        if head is None:
             return False
         conn = self.conn
-        length = int(watched[0])
-        body = len(data) - end
+        length = int(head[1])
+        body = len(data) - head.end()
         if body > length or conn.stopping or conn.dead or \
                 not cast(Request, self.request).done:
             return False
         self.seen = self.started = True
         self.client.write(data)
         if body == length:
-            self._fast_done(keep=True)
+            self.keep = self.done = True
+            self.served += 1
+            conn.response_done(self)
         else:
             self.remaining = length - body
         return True
