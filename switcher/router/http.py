@@ -72,6 +72,10 @@ MAX_RESPONSE_HEAD = 256 * 1024  # a color's response head beyond this is broken
 HOLD_LIMIT = 256 * 1024
 CONNECT_TIMEOUT = 10.0  # see tcp.CONNECT_TIMEOUT
 LINGER = 2.0  # seconds to read a turned-away client until its EOF (see tcp.Link.refuse)
+# When the router stops, a keep-alive connection idle for longer than this is closed at
+# once; one idle for less is likely sending its next request, which is answered (with
+# Connection: close) rather than raced by a close.
+STOP_IDLE = 0.25
 
 CRLF = b"\r\n"
 SEP = b": "
@@ -617,7 +621,7 @@ class Conn(asyncio.Protocol):
             # Not reusable, or the color is no longer live: its connection ends here.
             self.up = None
             up.close()
-        if up.close_client or not req.keep_alive or self.stopping or \
+        if up.close_client or not req.keep_alive or \
                 (self.client_eof and not self._answerable()):
             self._close()
             return
@@ -686,6 +690,9 @@ class Conn(asyncio.Protocol):
         if self.closing or self.dead or self.backend is not None or self.tunnel:
             return
         queue = self.queue
+        if self.stopping and not queue and now - self.since > STOP_IDLE:
+            self._close()
+            return
         if queue or self.fresh:
             if now - self.since > self.limits.header_timeout:
                 if queue and not queue[0].ready:
@@ -719,10 +726,10 @@ class Conn(asyncio.Protocol):
             self._close()
 
     def stop(self) -> None:
-        """The router stops: finish what is in flight, then close."""
+        """The router stops: finish what is in flight and close after it; an idle connection
+        is closed once it has been idle for STOP_IDLE (see check())."""
         self.stopping = True
-        if self.backend is None and not self.tunnel:
-            self._close()
+        self.check(_now())
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -1066,7 +1073,8 @@ class Upstream(asyncio.Protocol):
         """How the body reaches the client; adds the framing and Connection headers."""
         hdrs = self.hdrs
         conn = self.conn
-        keep = req.keep_alive and req.done and not conn.stopping
+        # Stopping: the last request received gets the Connection: close.
+        keep = req.keep_alive and req.done and not (conn.stopping and len(conn.queue) == 1)
         if req.kind == HEAD or status in (204, 304):
             framing = NO_BODY
         elif self.te is not None:

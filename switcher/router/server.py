@@ -11,8 +11,9 @@
 - shutdown: STOPPING=1; close our servers, which closes our descriptor of the listening
   socket and never calls ``shutdown()`` on it (that would stop it for every holder, systemd
   included: the kernel keeps queueing connections for the next router); let open
-  connections finish for ``restart_drain`` seconds (http: idle keep-alive connections are
-  closed at once, the others after the response in flight), then cut the rest.
+  connections finish for ``restart_drain`` seconds (http: a connection idle for a while is
+  closed at once, one in use after its next response, sent with ``Connection: close``),
+  then cut the rest.
 
 The view of state: on start the router serves ``State.serving()`` (``active``, or a pending
 target past the switch) with the fallback window and ``drain_until`` of ``state.json`` (or
@@ -197,6 +198,8 @@ class Router:
             log("warning", f"cutting {self.open} connections still open after "
                            f"restart_drain = {self.settings.restart_drain:g} s")
             self._cut(set(Color))
+            for conn in list(self.conns):  # http: idle keep-alive connections too
+                conn.cut()
             await asyncio.sleep(0)  # let the transports report their loss
         if self.control is not None:
             self.control.close()

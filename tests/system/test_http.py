@@ -226,8 +226,11 @@ def stop_wrk(proc: subprocess.Popen[str]) -> dict[str, float]:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     requests = re.search(r"(\d+) requests in", out)
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert requests and rate, out
+    latency = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    assert requests and rate and latency, out
+    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0}[latency[2]]
     return {"requests": int(requests[1]), "rate": float(rate[1]),
+            "max_latency": float(latency[1]) * scale,
             "socket_errors": sum(map(int, errors.groups())) if errors else 0,
             "non2xx": int(non2xx[1]) if non2xx else 0}
 
@@ -286,6 +289,27 @@ def test_zero_failures_across_twenty_deploys_and_rollbacks(env: Env) -> None:
     assert pipelined.ok > 100
     assert uploads.ok >= len(plan)
     assert set(pipelined.builds) >= {"A", "B", "C"}
+
+
+def test_router_restarts_under_keep_alive_load_fail_nothing(env: Env) -> None:
+    """A stopping router answers each busy connection's next request with Connection:
+    close and closes the idle ones; the next router takes the reconnections."""
+    router = f"{env.prefix}.service"
+    wrk = start_wrk()
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            pid = env.show(router, "MainPID")
+            env.sandbox.systemctl("restart", router, check=True)
+            assert env.show(router, "MainPID") != pid
+            time.sleep(0.5)
+    finally:
+        load = stop_wrk(wrk)
+    print(f"\n3 router restarts under wrk (8 keep-alive connections): "
+          f"{load['requests']:.0f} requests, {load['socket_errors']:.0f} socket errors, "
+          f"{load['non2xx']:.0f} non-2xx, worst latency {load['max_latency'] * 1000:.0f} ms")
+    assert load["socket_errors"] == 0, load
+    assert load["non2xx"] == 0, load
 
 
 def test_negative_control_tcp_mode_pins_keep_alive_clients_to_the_old_color(env: Env) -> None:

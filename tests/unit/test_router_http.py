@@ -951,6 +951,26 @@ def test_sigterm_closes_idle_connections_and_finishes_requests_in_flight(
     assert r.proc.wait(timeout=5) == 0
 
 
+def test_sigterm_answers_a_busy_keep_alive_client_then_closes_it(
+        router: Callable[..., Router]) -> None:
+    """A client sending request after request is never cut mid-request by a stop: its next
+    response says Connection: close, then the connection ends."""
+    r = router(restart_drain=5.0)
+    with Client(r.port) as c:
+        for _ in range(20):
+            assert c.get("/").status == 200
+        r.proc.send_signal(15)
+        for _ in range(10_000):
+            answer = c.get("/")  # raises if the connection is cut
+            assert answer.status == 200
+            if answer.headers.get("connection") == "close":
+                break
+        else:
+            raise AssertionError("never told to close")
+        assert c.closed()
+    assert r.proc.wait(timeout=5) == 0
+
+
 # -- the fast path agrees with llhttp ----------------------------------------------------------
 
 class _Parsed:
