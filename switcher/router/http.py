@@ -35,6 +35,11 @@ answer). Hop-by-hop headers (``Connection`` and what it names, ``Keep-Alive``,
 ``Proxy-Connection``, ``TE``, ``Transfer-Encoding``, ``Upgrade``) are not forwarded; the
 router writes its own.
 
+A color that refuses the connection (nothing sent yet) is replaced by the fallback color
+of DESIGN.md, the previous live color inside its window and never a color in its health
+gate; failing that, 502. A kept-alive connection the color closed just as a bodiless
+request went out is replaced and the request sent again.
+
 ``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``Forwarded`` are added to each request;
 incoming ones are kept (and appended to) only from ``trusted_proxies``, else replaced.
 
@@ -44,8 +49,14 @@ color's drain window ends (:meth:`Conn.cut`). In flight (what "drained" waits fo
 request sent and its response not relayed whole, or a tunnel.
 
 Timeouts (checked by the router's sweep, :meth:`Conn.check`, so no request arms a timer):
-a request's head must arrive within ``header_timeout`` (else 408), and an idle keep-alive
-connection is closed after ``idle_timeout``.
+a request's head must arrive within ``header_timeout`` (else 408; a connection that sends
+nothing is closed then), and an idle keep-alive connection is closed after
+``idle_timeout``. When the router stops, a connection idle for ``STOP_IDLE`` is closed and
+a busy one gets ``Connection: close`` on the response to the last request it sent.
+
+The common case takes a fast path (see FAST_REQUEST/FAST_RESPONSE): a whole plain head is
+checked by one regex, a strict subset of what llhttp accepts, and relayed as it is; so is
+a response framed by one Content-Length. Everything else goes through httptools.
 """
 
 from __future__ import annotations
