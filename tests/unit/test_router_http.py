@@ -776,6 +776,15 @@ def test_forwarding_headers_from_a_trusted_proxy_are_extended(
         assert "\r\nX-Forwarded-For: 127.0.0.1\r\n" in received_head(c)
 
 
+def test_forwarding_headers_quote_ipv6_and_extend_what_a_trusted_proxy_sent() -> None:
+    assert http.forwarding("::1", None, None, None) == (
+        b"X-Forwarded-For: ::1\r\nX-Forwarded-Proto: http\r\n"
+        b'Forwarded: for="[::1]";proto=http\r\n')
+    assert http.forwarding("10.1.2.3", b"1.1.1.1", b"https", b"for=1.1.1.1") == (
+        b"X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"
+        b"Forwarded: for=1.1.1.1, for=10.1.2.3;proto=http\r\n")
+
+
 def test_hop_by_hop_headers_are_not_forwarded(router: Callable[..., Router]) -> None:
     r = router()
     with Client(r.port) as c:
