@@ -43,11 +43,13 @@ def _named(env: Environment, root: Path, arg: str) -> Build:
                              f"pass a directory name from {root} (see: ls {root})")
         name = arg
     path = root / name
-    _check_build(env, root, path, arg)
-    return Build(name, path)
+    real = _check_build(env, root, path, arg)
+    # Pin the real directory: a link such as `latest` moves, and a color restarted later
+    # must run what passed its health gate.
+    return Build(real.name, root / real.name)
 
 
-def _check_build(env: Environment, root: Path, path: Path, arg: str) -> None:
+def _check_build(env: Environment, root: Path, path: Path, arg: str) -> Path:
     if not path.exists():
         raise UsageError(f"build {arg!r} not found in {root}", f"see: ls {root}")
     real = Path(os.path.realpath(path))
@@ -60,19 +62,20 @@ def _check_build(env: Environment, root: Path, path: Path, arg: str) -> None:
     if env.ready_marker and not (real / env.ready_marker).exists():
         raise UsageError(f"build {arg!r} has no ready marker {env.ready_marker!r}",
                          f"finish the build (touch {path}/{env.ready_marker}) or pick another")
+    return real
 
 
 def deployable(env: Environment) -> list[Build]:
     root = Path(env.builds)
-    found = []
+    found = {}
     for entry in os.scandir(root):
         real = Path(os.path.realpath(entry.path))
         if real.parent != Path(os.path.realpath(root)) or not real.is_dir():
             continue
         if env.ready_marker and not (real / env.ready_marker).exists():
             continue
-        found.append(Build(entry.name, Path(entry.path)))
-    return found
+        found[real.name] = Build(real.name, root / real.name)  # links count as their target
+    return list(found.values())
 
 
 def newest(env: Environment) -> Build:

@@ -175,6 +175,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # A closed pipe (e.g. `| head`) is not an error; keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = ("run alive-switch as root" if isinstance(exc, PermissionError)
+                else "check the path, free space and permissions")
+        print(f"alive-switch: {exc.strerror or exc}{where}\n  next: {hint}", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

@@ -39,6 +39,7 @@ from switcher.systemd import Systemd
 STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"
 RUN_DIR = Path("/run/alive-switch")  # not a RuntimeDirectory=: systemd wipes those
 RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback window closes
+SWITCH_BACK = "switch-back"  # the deploy_id of a switch-back's intent
 HOOK_TAIL = 20  # lines of a hook's output kept in history
 HOOK_IDENTIFIER = "alive-switch-hook"  # SYSLOG_IDENTIFIER of hook output in the journal
 Say = Callable[[str], None]
@@ -274,6 +275,7 @@ class Deployer:
         actual = serving(self.router.status())
         action = plan.reconcile(current, actual)
         if action is plan.Reconcile.nothing:
+            self._ensure_retire_timer(current)
             return current
         self.say(f"reconcile: {action.value}")
         fixed = self._reconcile(action, current, actual)
@@ -281,14 +283,37 @@ class Deployer:
                        "router_was": actual.value if actual else None})
         return fixed
 
+    def _ensure_retire_timer(self, current: State) -> None:
+        """A run killed between its commit and step 8 left the old color without a retire
+        timer: schedule it now, or it would stay up for good."""
+        fb = current.fallback
+        if fb is None or fb.color == current.active:
+            return
+        if self.sd.show(self.unit(fb.color), "ActiveState")["ActiveState"] != "active":
+            return
+        timer = self.sd.show(f"{self.timer(fb.color)}.timer", "ActiveState")["ActiveState"]
+        if timer != "active":
+            self.say(f"reconcile: {fb.color} had no retire timer")
+            self._schedule_retire(fb.color, fb.until)
+
     def _reconcile(self, action: plan.Reconcile, current: State, actual: Color | None
                    ) -> State:
         pending = current.pending
+        if action is plan.Reconcile.commit and pending is not None \
+                and pending.deploy_id == SWITCH_BACK:
+            failed = pending.target.other
+            self._stop_quietly(failed)
+            fixed = self._undo_link(current.with_(pending=None), failed)
+            state.save_state(self.env_dir, fixed)
+            self._move_boot_enable(pending.target)
+            self.say(f"finished the switch back to {pending.target}; stopped {failed}")
+            return fixed
         if action is plan.Reconcile.commit and pending is not None:
             old = current.active
             fixed = self._committed(current, pending.target, pending.build, pending.deploy_id,
                                     self.clock.now())
             state.save_state(self.env_dir, fixed)
+            self._move_boot_enable(pending.target)
             if old is not None and fixed.fallback is not None:
                 self._schedule_retire(old, fixed.fallback.until)
             return fixed
@@ -348,11 +373,13 @@ class Deployer:
     def _steps(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
                phases: Phases, outcome: Outcome) -> None:
         target, old = the_plan.target, the_plan.old
+        # Pre-flight first: a failed check must leave the standby color's timer and
+        # fallback as they were ("nothing was changed").
+        with phases(Phase.preflight):
+            self._preflight(target, old, path)
         with phases(Phase.cancel_timer):
             self.sd.cancel(self.timer(target))
             current = self._withdraw_fallback(current, target)
-        with phases(Phase.preflight):
-            self._preflight(target, old, path)
         intent = Pending(target, Phase.start, deploy_id, the_plan.build)
         with phases(Phase.start, "warm: already running" if the_plan.warm else ""):
             state.save_state(self.env_dir, current.with_(pending=intent))
@@ -373,6 +400,9 @@ class Deployer:
                                committed.builds)
         with phases(Phase.commit):
             state.save_state(self.env_dir, committed)
+            # With the commit, not after the hooks: a run killed later must not leave the
+            # old color as the one that starts at boot.
+            self._move_boot_enable(target)
         with phases(Phase.watch, limit=self.env.watch):
             self._watch(target, started, t0, current, the_plan.build)
         with phases(Phase.schedule_retire):
@@ -385,15 +415,16 @@ class Deployer:
                                  outcome=outcome)
             if warning:
                 outcome.warnings.append(warning)
-            self._move_boot_enable(target)
         outcome.message = f"{the_plan.build} is live on {target}"
         self.say(outcome.message)
 
     def _withdraw_fallback(self, current: State, target: Color) -> State:
-        """A color about to be (re)started or health-checked must not get fallback traffic."""
+        """A color about to be (re)started or health-checked must not get fallback traffic.
+        The router is told even when state.json names no fallback (after a repair, say):
+        the only fallback there can be is the idle color, which is the target."""
+        self.router.set_fallback(None)
         if current.fallback is None or current.fallback.color != target:
             return current
-        self.router.set_fallback(None)
         withdrawn = current.with_(fallback=None)
         state.save_state(self.env_dir, withdrawn)
         return withdrawn
@@ -507,13 +538,15 @@ class Deployer:
                               f"{target} keeps serving (systemd restarts it on failure)",
                               self.journal_hint(target))
         fallback = before.fallback if before.fallback and before.fallback.color != target else None
-        back = before.with_(builds={**before.builds, target: build}, pending=None,
-                            fallback=fallback)
+        back = before.with_(pending=None, fallback=fallback)
+        live_build = before.builds.get(before.active) or ""
         state.save_state(self.env_dir, before.with_(pending=Pending(
-            before.active, Phase.switching, "switch-back", "")))
+            before.active, Phase.switching, SWITCH_BACK, live_build)))
         self.router.switch(before.active, back.fallback, back.drain_until, back.builds)
-        state.save_state(self.env_dir, back)
         self._stop_quietly(target)
+        back = self._undo_link(back, target)  # a failed build never becomes a rollback target
+        state.save_state(self.env_dir, back)
+        self._move_boot_enable(before.active)
         raise SwitchedBackError(
             f"{target} failed during the watch ({problem}); switched back to "
             f"{before.active} and stopped {target}", self.journal_hint(target))
@@ -603,7 +636,7 @@ class Deployer:
 
 
 def _why_not_retire(current: State, color: Color, now: float) -> str:
-    if current.serving() == color:
+    if color in (current.serving(), current.active):
         return "it is the live color"
     if current.pending is not None and current.pending.target == color:
         return "a deploy to it is pending"
@@ -677,6 +710,10 @@ def repair(deployer: Deployer) -> list[str]:
     d = deployer
     done: list[str] = []
     with d.lock(f"repair {d.env.name}"):
+        router_unit = d.names["router"]
+        if d.sd.show(router_unit, "ActiveState")["ActiveState"] != "active":
+            d.sd.start(router_unit)
+            done.append(f"started {router_unit}")
         try:
             actual = serving(d.router.status())
         except SwitchError as exc:

@@ -5,6 +5,7 @@ tests/system."""
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,55 @@ def test_a_refused_build_never_becomes_the_rollback_target(world) -> None:
     outcome = d.rollback(dry_run=False)
     assert (outcome.target, outcome.build) == (Color.blue, "b1")
     assert Path(d.env_dir / "blue").resolve().name == "b1"
+
+
+def test_after_a_switch_back_rollback_never_starts_the_failed_build(world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    real_sleep = d.clock.sleep
+
+    def die_after_switch(seconds: float) -> None:
+        if router.active == Color.blue:
+            sd.units["unit-prod@blue.service"].main_pid = 99999
+        real_sleep(seconds)
+
+    d.clock.sleep = die_after_switch
+    with pytest.raises(SwitchedBackError):
+        d.deploy("b3", force=False, dry_run=False)
+    d.clock.sleep = real_sleep
+    assert Path(d.env_dir / "blue").resolve().name == "b1"
+    assert sd.units["unit-prod@green.service"].enabled, "boot enable back on the live color"
+    outcome = d.rollback(dry_run=False)
+    assert (outcome.target, outcome.build) == (Color.blue, "b1")
+
+
+def test_retire_refuses_the_color_state_still_calls_live(world) -> None:
+    d, sd, _, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    state.save_state(d.env_dir, d.load_state().with_(
+        pending=Pending(Color.green, Phase.switching, "x", "b2")))  # killed before the switch
+    with pytest.raises(UsageError, match="live color"):
+        d.retire(Color.blue)
+    assert sd.units["unit-prod@blue.service"].active == "active"
+
+
+def test_a_linked_build_is_pinned_to_its_target(world) -> None:
+    d, *_ = world
+    (Path(d.env.builds) / "latest").symlink_to(Path(d.env.builds) / "b2")
+    outcome = d.deploy("latest", force=False, dry_run=False)
+    assert outcome.build == "b2"
+    assert os.readlink(d.env_dir / "blue") == str(Path(d.env.builds) / "b2")
+
+
+def test_failed_preflight_leaves_the_standby_timer_alone(world, monkeypatch) -> None:
+    d, sd, _, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    assert "unit-prod-retire-blue" in sd.timers
+    failing = checks.Check("disk", checks.Level.failed, "99% used")
+    monkeypatch.setattr(checks, "CHECKS", [lambda _s: failing])
+    with pytest.raises(AbortedError, match="pre-flight failed"):
+        d.deploy("b3", force=False, dry_run=False)
+    assert "unit-prod-retire-blue" in sd.timers
+    assert d.load_state().fallback is not None
