@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -23,7 +23,9 @@ import psutil
 from switcher import health
 from switcher.config import Environment
 from switcher.model import Color, color_unit, unit_names
-from switcher.systemd import Systemd
+from switcher.systemd import Systemd, UnitProps
+
+FACTS = ("LoadState", "ActiveState", "UnitFileState", "Listen", "Result", "MainPID")
 
 
 class Level(enum.StrEnum):
@@ -52,9 +54,19 @@ class Subject:
     target: Color
     live: Color | None
     build: Path
+    _facts: dict[str, UnitProps] = field(default_factory=dict, repr=False, compare=False)
 
     def unit(self, color: Color) -> str:
         return color_unit(self.app, self.env.name, color)
+
+    def props(self, unit: str) -> UnitProps:
+        """The unit's properties, read for all of the environment's units in one call."""
+        if not self._facts:
+            names = unit_names(self.app, self.env.name)
+            units = [names["socket"], names["router"], self.unit(Color.blue),
+                     self.unit(Color.green)]
+            self._facts.update(self.sd.show_many(units, *FACTS))
+        return self._facts.get(unit) or self.sd.show(unit, *FACTS)
 
 
 def run_all(subject: Subject) -> list[Check]:
@@ -68,7 +80,7 @@ def failures(checks: list[Check]) -> list[Check]:
 def units_loaded(s: Subject) -> Check:
     names = unit_names(s.app, s.env.name)
     wanted = [names["socket"], names["router"], s.unit(Color.blue), s.unit(Color.green)]
-    missing = [u for u in wanted if s.sd.show(u, "LoadState")["LoadState"] != "loaded"]
+    missing = [u for u in wanted if s.props(u)["LoadState"] != "loaded"]
     if missing:
         return Check("units", Level.failed, f"not loaded: {', '.join(missing)}; run "
                      f"`alive-switch install {s.env.name}`")
@@ -77,7 +89,7 @@ def units_loaded(s: Subject) -> Check:
 
 def socket_held(s: Subject) -> Check:
     unit = unit_names(s.app, s.env.name)["socket"]
-    props = s.sd.show(unit, "ActiveState", "UnitFileState", "Listen")
+    props = s.props(unit)
     if props["ActiveState"] != "active":
         return Check("socket", Level.failed, f"{unit} is {props['ActiveState']}; run "
                      f"`systemctl start {unit}` (or `alive-switch install {s.env.name}`)")
@@ -98,7 +110,7 @@ def socket_held(s: Subject) -> Check:
 
 def idle_port_free(s: Subject) -> Check:
     port = s.env.port(s.target)
-    ours = _unit_pids(s.sd, s.unit(s.target))
+    ours = _pids_of(s.props(s.unit(s.target)))
     foreign = [p for p in _listeners(port) if p.pid not in ours]
     if foreign:
         return Check("port", Level.failed, f"{s.target}'s port {port} is held by "
@@ -115,7 +127,7 @@ def idle_port_free(s: Subject) -> Check:
 def colors_not_failed(s: Subject) -> Check:
     stuck = []
     for color in Color:
-        props = s.sd.show(s.unit(color), "ActiveState", "Result")
+        props = s.props(s.unit(color))
         if props["ActiveState"] == "failed":
             stuck.append(f"{s.unit(color)} ({props['Result']})")
     if stuck:
@@ -230,8 +242,9 @@ def _describe(process: psutil.Process) -> str:
         return f"PID {process.pid}"
 
 
-def _unit_pids(sd: Systemd, unit: str) -> set[int]:
-    main = int(sd.show(unit, "MainPID")["MainPID"] or 0)
+def _pids_of(props: UnitProps) -> set[int]:
+    """A unit's main process and its children."""
+    main = int(props.get("MainPID") or 0)
     if not main:
         return set()
     try:

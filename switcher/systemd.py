@@ -25,6 +25,7 @@ class Systemd(Protocol):
     def enable(self, unit: str) -> None: ...
     def disable(self, unit: str) -> None: ...
     def show(self, unit: str, *props: str) -> UnitProps: ...
+    def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]: ...
     def schedule(self, name: str, after: float, argv: list[str]) -> None: ...
     def cancel(self, name: str) -> None: ...
 
@@ -87,6 +88,15 @@ class Systemctl:
             key, _, value = line.partition("=")
             values[key] = value
         return values
+
+    def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]:
+        """One systemctl call for several units (each call costs ~10 ms)."""
+        out = run(["systemctl", "show", *units, *(f"--property={p}" for p in props)])
+        blocks = out.rstrip("\n").split("\n\n")
+        found: dict[str, UnitProps] = {}
+        for unit, block in zip(units, blocks, strict=False):
+            found[unit] = dict(line.partition("=")[::2] for line in block.splitlines())
+        return found
 
     def schedule(self, name: str, after: float, argv: list[str]) -> None:
         run(["systemd-run", "--quiet", "--collect", f"--unit={name}",
@@ -163,6 +173,9 @@ class FakeSystemd:
                  "InvocationID": u.invocation, "LoadState": "loaded",
                  "UnitFileState": "enabled" if u.enabled else "disabled", "Result": "success"}
         return {p: every.get(p, "") for p in props}
+
+    def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]:
+        return {unit: self.show(unit, *props) for unit in units}
 
     def schedule(self, name: str, after: float, argv: list[str]) -> None:
         self.calls.append(("schedule", name))
