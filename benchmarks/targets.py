@@ -32,6 +32,7 @@ import psutil
 
 from switcher import state as files
 from switcher.model import Color, Mode, RouterSettings, State
+from tests.launch import LAUNCH
 from tests.ports import bindable
 
 PORTS = range(24000, 24101)  # the benchmark's block
@@ -43,15 +44,6 @@ VENV_BIN = Path(sys.executable).parent
 ROUTER = VENV_BIN / "alive-switch-router"
 SOCKET_PROXYD = Path("/lib/systemd/systemd-socket-proxyd")
 
-LAUNCH = """
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 NGINX_CONF = """\
 worker_processes 1;

@@ -34,18 +34,10 @@ import pytest
 from switcher import state as files
 from switcher.model import Color, Fallback, Mode, Pending, Phase, RouterSettings, State
 from switcher.router.control import ControlError, request
+from tests.launch import LAUNCH
 from tests.ports import port_block
 
 ROUTER = Path(sys.executable).with_name("alive-switch-router")
-LAUNCH = """
-import os, sys
-fd = int(sys.argv[1])
-if fd != 3:
-    os.dup2(fd, 3)
-    os.close(fd)
-os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 _ports = itertools.cycle(port_block(__name__, 90))
 
 
