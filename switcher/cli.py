@@ -253,8 +253,14 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
     unit_dir = Path(args.unit_dir or install.DEFAULT_UNIT_DIR)
     if args.takeover is not None:
         return _takeover(cfg, env, args, unit_dir)
-    install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=args.dry_run,
-                    say=_say)
+    if args.dry_run:
+        install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=True,
+                        say=_say)
+        return 0
+    # Exclusive with deploys: a router reload or --rebind must not land mid-switch.
+    with _deployer(cfg, env).lock(f"install {env.name}" + (" --rebind" if args.rebind else "")):
+        install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=False,
+                        say=_say)
     return 0
 
 

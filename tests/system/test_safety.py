@@ -238,6 +238,7 @@ def test_one_deploy_at_a_time(env: Env) -> None:
         assert "pid" in done.stderr
         assert env.cli("rollback", "prod").returncode == 4
         assert env.cli("retire", "prod", "blue").returncode == 4
+        assert env.cli("install", "prod").returncode == 4
         env.ok("deploy", "stage", "good1")  # another environment deploys meanwhile
         env.sandbox.systemctl("restart", f"{env.prefix}.service", check=True)
         assert env.cli("deploy", "prod", "good1").returncode == 4, "router restart kept lock"
