@@ -319,8 +319,7 @@ class Deployer:
             return fixed
         if pending is not None:
             target = pending.target
-            if target != current.active and not _usable_fallback(current, target,
-                                                                  self.clock.now()):
+            if target not in (current.active, current.fallback_at(self.clock.now())):
                 self.sd.stop(self.unit(target))
                 self.say(f"stopped {self.unit(target)} (its deploy was interrupted)")
             current = self._undo_link(current, target)
@@ -644,10 +643,6 @@ def _why_not_retire(current: State, color: Color, now: float) -> str:
     if fb is not None and fb.color == color and fb.open_at(now):
         return f"it is the fallback for {fb.until - now:.0f} s more"
     return ""
-
-
-def _usable_fallback(current: State, color: Color, now: float) -> bool:
-    return current.fallback_at(now) == color
 
 
 def _env_quote(value: str) -> str:

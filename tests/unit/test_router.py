@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import socket
 import socketserver
@@ -21,7 +20,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,14 +177,6 @@ def write_settings(env_dir: Path, tmp: Path, ports: dict[Color, int], **override
 
 def blue_live(**changes: Any) -> State:
     return State(active=Color.blue, builds={Color.blue: "b1", Color.green: None}, **changes)
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    # Short: Unix socket paths must fit in 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="asr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -14,11 +14,9 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,13 +248,6 @@ class _Reader:
 
 
 # -- the router --------------------------------------------------------------------------------
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ash-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 @pytest.fixture
 def colors() -> Iterator[dict[Color, Color_]]:
