@@ -150,11 +150,14 @@ FAST_REQUEST = re.compile(
         _OTHER % (b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
                   b"|proxy-connection|upgrade|expect|x-forwarded-for|x-forwarded-proto"
                   b"|forwarded", _FIELD),) * 2))
+# "Connection: keep-alive" (nginx sends it on every response) only restates what HTTP/1.1
+# means anyway, so it may pass as it is; any other Connection header takes the slow path.
+_RESPONSE_OTHER = rb"(?:(?i:connection:[ \t]*keep-alive[ \t]*\r\n)|(?!(?i:%s):)%s)*" % (
+    b"content-length|transfer-encoding|connection|keep-alive|proxy-connection|upgrade|trailer",
+    _FIELD)
 FAST_RESPONSE = re.compile(
     rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n"
-    rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((
-        _OTHER % (b"content-length|transfer-encoding|connection|keep-alive|proxy-connection"
-                  b"|upgrade|trailer", _FIELD),) * 2))
+    rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((_RESPONSE_OTHER,) * 2))
 _now = time.monotonic
 
 

@@ -977,6 +977,12 @@ class _Parsed:
     def __init__(self) -> None:
         self.messages = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive: list[bool] = []
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        if self.parser is not None:
+            self.keep_alive.append(self.parser.should_keep_alive())
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -1050,6 +1056,16 @@ FAST_RESPONSES = [
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\n", None),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: a\nb\r\n\r\n", None),
     (b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", None),
+    # nginx's own head: "Connection: keep-alive" restates HTTP/1.1 and may pass as it is
+    (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 23:30:00 GMT\r\n"
+     b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n"
+     b"ETag: \"6568\"\r\nAccept-Ranges: bytes\r\n\r\n", 13),
+    (b"HTTP/1.1 200 OK\r\nconnection:Keep-Alive \r\nContent-Length: 2\r\n\r\n", 2),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, x\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+     b"Keep-Alive: timeout=5\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n"
+     b"Content-Length: 2\r\n\r\n", None),
 ]
 
 
@@ -1061,8 +1077,11 @@ def test_the_fast_path_takes_responses_framed_by_one_content_length(
     if match:
         assert match.end() == len(head)
         parsed = _Parsed()  # and llhttp reads it the same way
-        httptools.HttpResponseParser(parsed).feed_data(head + b"x" * length)
+        parser = parsed.parser = httptools.HttpResponseParser(parsed)
+        parser.feed_data(head + b"x" * length)
         assert parsed.messages == 1
+        # the connection to the color stays open, as the fast path keeps it
+        assert parsed.keep_alive == [True]
 
 
 # -- flow control ------------------------------------------------------------------------------
