@@ -142,21 +142,26 @@ STATUS = {code: b"HTTP/1.1 %d " % code for code in range(100, 1000)}
 # whose head matches FAST_RESPONSE (framed by one Content-Length alone) is relayed as it
 # is. Anything else goes through httptools. tests/unit/test_router_http.py checks that
 # llhttp reads whatever these match the same way.
-_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n"
-_OTHER = rb"(?:(?!(?i:%s):)%s)*"
+# Possessive loops (nothing is given back: a name holds no ':', a value no CR) and the
+# name lookahead only for fields whose first letter could start a watched name: the
+# response match took 1.6 us per nginx head before, 1.1 after.
+_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[\t\x20-\x7e\x80-\xff]*+\r\n"
+_OTHER = rb"(?:(?![%s])%s|(?!(?i:%s):)%s)*+"
 FAST_REQUEST = re.compile(
     rb"(?:GET|POST|PUT|DELETE|OPTIONS|PATCH) /[\x21-\x7e]{0,%d} HTTP/1\.1\r\n"
     rb"%s(?i:host):[\t\x20-\x7e\x80-\xff]*\r\n%s\r\n" % ((MAX_REQUEST_LINE - 20,) + (
-        _OTHER % (b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
+        _OTHER % (b"hHcCtTkKpPuUeExXfF", _FIELD,
+                  b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
                   b"|proxy-connection|upgrade|expect|x-forwarded-for|x-forwarded-proto"
                   b"|forwarded", _FIELD),) * 2))
 # "Connection: keep-alive" (nginx sends it on every response) only restates what HTTP/1.1
 # means anyway, so it may pass as it is; any other Connection header takes the slow path.
-_RESPONSE_OTHER = rb"(?:(?i:connection:[ \t]*keep-alive[ \t]*\r\n)|(?!(?i:%s):)%s)*" % (
-    b"content-length|transfer-encoding|connection|keep-alive|proxy-connection|upgrade|trailer",
-    _FIELD)
+_RESPONSE_OTHER = (
+    rb"(?:(?![cCtTkKpPuU])%s|(?i:connection:[ \t]*keep-alive[ \t]*\r\n)|(?!(?i:%s):)%s)*+"
+    % (_FIELD, b"content-length|transfer-encoding|connection|keep-alive|proxy-connection"
+               b"|upgrade|trailer", _FIELD))
 FAST_RESPONSE = re.compile(
-    rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*\r\n"
+    rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*+\r\n"
     rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((_RESPONSE_OTHER,) * 2))
 _now = time.monotonic
 
@@ -230,21 +235,21 @@ class Request:
     """One request of a client connection, from its first byte until its response is
     relayed whole. ``out`` holds what is still to be sent upstream."""
 
-    __slots__ = ("body", "canned", "chunked", "done", "fast", "head", "http10", "keep_alive",
-                 "kind", "out", "ready")
+    # Immutable defaults live on the class: one is made for every request, and the fast
+    # path sets just what differs (no __slots__: an instance then costs half as much).
+    ready = False  # head parsed and checked: it may go upstream
+    done = False  # received whole from the client
+    canned: bytes | None = None  # answer this (an error) instead, then close
+    kind = PLAIN
+    http10 = False
+    keep_alive = True
+    chunked = False
+    body = False
+    fast = False  # its response may take the fast path
+    head = b""  # as sent upstream: a bodiless request may be sent again
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
-        self.ready = False  # head parsed and checked: it may go upstream
-        self.done = False  # received whole from the client
-        self.canned: bytes | None = None  # answer this (an error) instead, then close
-        self.kind = PLAIN
-        self.http10 = False
-        self.keep_alive = True
-        self.chunked = False
-        self.body = False
-        self.fast = False  # its response may take the fast path
-        self.head = b""  # as sent upstream: a bodiless request may be sent again
 
 
 class Conn(asyncio.Protocol):
@@ -940,7 +945,7 @@ class Upstream(asyncio.Protocol):
         if self.remaining:
             self._relay(data)
             return
-        if req.fast and not self.started and self._fast(data):
+        if req.fast and req.done and not self.started and self._fast(data):
             return
         self.seen = True
         try:
@@ -970,8 +975,7 @@ class Upstream(asyncio.Protocol):
         conn = self.conn
         length = int(head[1])
         body = len(data) - head.end()
-        if body > length or conn.stopping or conn.dead or \
-                not cast(Request, self.request).done:
+        if body > length or conn.stopping or conn.dead:
             return False
         self.seen = self.started = True
         self.client.write(data)
