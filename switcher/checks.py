@@ -111,11 +111,12 @@ def socket_held(s: Subject) -> Check:
 def idle_port_free(s: Subject) -> Check:
     port = s.env.port(s.target)
     ours = _pids_of(s.props(s.unit(s.target)))
-    foreign = [p for p in _listeners(port) if p.pid not in ours]
+    listeners = _listeners(port)
+    foreign = [p for p in listeners if p.pid not in ours]
     if foreign:
         return Check("port", Level.failed, f"{s.target}'s port {port} is held by "
                      f"{_describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
-    if _listeners(port):
+    if listeners:
         return Check("port", Level.ok, f"{port} held by {s.target} itself (it restarts)")
     problem = _try_bind(s.env.host, port)
     if problem:

@@ -1,7 +1,7 @@
 """The command line: parse, call one operation, print its result. The only place that exits.
 
-Heavy modules (Jinja2, httpx) are imported inside the commands that need them, so
-``status`` and ``rollback`` start fast.
+Heavy modules (Jinja2; psutil, through the pre-flight checks) are imported only by the
+commands that need them, so ``status`` and ``rollback`` start fast.
 """
 
 from __future__ import annotations
@@ -318,8 +318,7 @@ def _status_all(cfg: config.Config, *, as_json: bool) -> int:
 def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
               progress: Progress | None = None) -> Deployer:
     from switcher.deploy import Deployer  # noqa: PLC0415
-    from switcher.install import control_socket  # noqa: PLC0415
-    from switcher.model import unit_names  # noqa: PLC0415
+    from switcher.model import control_socket, unit_names  # noqa: PLC0415
     from switcher.routerctl import ControlSocket  # noqa: PLC0415
     from switcher.systemd import Systemctl  # noqa: PLC0415
 

@@ -21,12 +21,11 @@ import psutil
 from switcher import render, state
 from switcher.config import Config, Environment
 from switcher.errors import UsageError
-from switcher.model import Color, Mode, RouterSettings
+from switcher.model import RUN_DIR, Color, Mode, RouterSettings, control_socket
 from switcher.render import color_unit
 from switcher.systemd import Systemd
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
-RUN_DIR = "/run/alive-switch"
 Say = Callable[[str], None]
 
 
@@ -69,10 +68,6 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         max_header_bytes=env.router.max_header_bytes,
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
     )
-
-
-def control_socket(prefix: str) -> str:
-    return f"{RUN_DIR}/{prefix}/control.sock"
 
 
 def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebind: bool,

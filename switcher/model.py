@@ -171,6 +171,14 @@ def color_unit(app: str, env: str, color: Color) -> str:
     return f"{app}-{env}@{color.value}.service"
 
 
+# Locks and control sockets; not a RuntimeDirectory=, which systemd wipes when a unit restarts.
+RUN_DIR = "/run/alive-switch"
+
+
+def control_socket(prefix: str) -> str:
+    return f"{RUN_DIR}/{prefix}/control.sock"
+
+
 def _color(value: object) -> Color | None:
     return None if value is None else Color(str(value))
 

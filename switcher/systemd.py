@@ -169,6 +169,8 @@ class FakeSystemd:
 
     def show(self, unit: str, *props: str) -> UnitProps:
         u = self._unit(unit)
+        if unit.endswith(".timer"):  # a timer made by schedule() is active until cancelled
+            u.active = "active" if unit.removesuffix(".timer") in self.timers else "inactive"
         every = {"ActiveState": u.active, "SubState": u.sub, "MainPID": str(u.main_pid),
                  "InvocationID": u.invocation, "LoadState": "loaded",
                  "UnitFileState": "enabled" if u.enabled else "disabled", "Result": "success"}

@@ -320,3 +320,18 @@ def test_failed_preflight_leaves_the_standby_timer_alone(world, monkeypatch) -> 
         d.deploy("b3", force=False, dry_run=False)
     assert "unit-prod-retire-blue" in sd.timers
     assert d.load_state().fallback is not None
+
+
+def test_a_standby_color_without_its_retire_timer_gets_one(world) -> None:
+    """A run killed between its commit and step 8 left no timer: the next command arms it,
+    and only then (begin reads every unit's state in one call)."""
+    d, sd, _, said = world
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    d.begin()
+    assert sum(call == ("schedule", "unit-prod-retire-blue") for call in sd.calls) == 1
+    del sd.timers["unit-prod-retire-blue"]  # as if the run had died before step 8
+    _, running = d.begin()
+    assert any("blue had no retire timer" in line for line in said)
+    assert "unit-prod-retire-blue" in sd.timers
+    assert running == {Color.blue: "b1", Color.green: "b2"}
