@@ -258,10 +258,21 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
                         say=_say)
         return 0
     # Exclusive with deploys: a router reload or --rebind must not land mid-switch.
-    with _deployer(cfg, env).lock(f"install {env.name}" + (" --rebind" if args.rebind else "")):
+    d = _deployer(cfg, env)
+    with d.lock(f"install {env.name}" + (" --rebind" if args.rebind else "")):
+        _resume_takeover(d)
         install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=False,
                         say=_say)
     return 0
+
+
+def _resume_takeover(d: Deployer) -> None:
+    """A takeover whose CLI died left the stand-in router and its socket: finish it (or
+    undo it) before install rewrites those units."""
+    from switcher import takeover  # noqa: PLC0415
+
+    if takeover.intent_path(d).exists():
+        takeover.resume(d)
 
 
 def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namespace,

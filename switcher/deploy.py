@@ -282,6 +282,8 @@ class Deployer:
     def begin(self) -> tuple[State, dict[Color, str | None]]:
         """Router running, then reconcile state.json with what the router serves. Returns
         the state and the build each color runs."""
+        if (self.env_dir / "takeover" / "intent.json").exists():
+            self._resume_takeover()
         active = self.active_states()
         router_unit = self.names["router"]
         if active[router_unit] != "active":
@@ -298,6 +300,15 @@ class Deployer:
         self.record({"kind": "reconcile", "action": action.name, "outcome": "ok",
                        "router_was": actual.value if actual else None})
         return fixed, self.running_builds()  # the reconcile may have stopped a color
+
+    def _resume_takeover(self) -> None:
+        from switcher import takeover  # noqa: PLC0415 - takeover imports this module
+
+        if takeover.resume(self) is takeover.Resumed.undone:
+            raise AbortedError(
+                "an interrupted takeover was undone (see above): the legacy unit serves "
+                "again and nothing else was changed",
+                f"run the takeover again: alive-switch install {self.env.name} --takeover UNIT")
 
     def _ensure_retire_timer(self, current: State, active: dict[str, str]) -> None:
         """A run killed between its commit and step 8 left the old color without a retire

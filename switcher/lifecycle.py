@@ -25,7 +25,7 @@ from switcher.builds import natural_key
 from switcher.config import Config, Environment
 from switcher.errors import NeedsRepairError, UsageError
 from switcher.model import Color, State
-from switcher.render import DROPIN, color_unit, unit_names
+from switcher.render import DROPIN, color_unit, takeover_router, unit_names
 from switcher.systemd import Systemd
 
 RENDERED_HEADER = "# Rendered by alive-switch"
@@ -39,7 +39,8 @@ def unit_files(cfg: Config, env: Environment) -> list[str]:
     """What ``install`` writes, relative to the unit directory (drop-ins last)."""
     names = unit_names(cfg.app, env.name)
     return [names["socket"], names["router"], names["template"],
-            *(f"{color_unit(cfg.app, env.name, c)}.d/{DROPIN}" for c in Color)]
+            *(f"{color_unit(cfg.app, env.name, c)}.d/{DROPIN}" for c in Color),
+            takeover_router(cfg.unit_prefix(env))]  # left by a takeover whose CLI died
 
 
 def uninstall(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, purge: bool,
@@ -47,8 +48,8 @@ def uninstall(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, pur
     """Stop, disable and remove the environment's units; returns what it did."""
     names = unit_names(cfg.app, env.name)
     prefix = cfg.unit_prefix(env)
-    units = [names["socket"], names["router"], *(color_unit(cfg.app, env.name, c)
-                                                  for c in Color)]
+    units = [names["socket"], names["router"], takeover_router(prefix),
+             *(color_unit(cfg.app, env.name, c) for c in Color)]
     done: list[str] = []
     with lock:
         for color in Color:

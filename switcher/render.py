@@ -23,18 +23,14 @@ import jinja2
 from switcher.config import Config, Environment
 from switcher.model import Color, color_unit, unit_names
 
-__all__ = ["DROPIN", "color_unit", "render", "socket_section", "unit_names"]
+__all__ = ["DROPIN", "color_unit", "render", "socket_section", "takeover_units", "unit_names"]
 
 DROPIN = "color.conf"
 
 
 def render(cfg: Config, env: Environment) -> dict[str, str]:
     names = unit_names(cfg.app, env.name)
-    context = {
-        "app": cfg.app, "env": env, "prefix": cfg.unit_prefix(env),
-        "env_dir": str(cfg.env_dir(env)), "router_exec": cfg.router_exec,
-        "nofile": max(65536, env.router.max_connections * 2 + 1024),
-    }
+    context = _context(cfg, env)
     jenv = _jinja()
     files = {
         names["socket"]: jenv.get_template("socket.j2").render(context),
@@ -46,6 +42,31 @@ def render(cfg: Config, env: Environment) -> dict[str, str]:
         path = f"{color_unit(cfg.app, env.name, color)}.d/{DROPIN}"
         files[path] = dropin.render(context, color=color)
     return files
+
+
+def takeover_units(cfg: Config, env: Environment) -> dict[str, str]:
+    """For a takeover of the unit that has the router's name: the socket, triggering a
+    stand-in router ``<prefix>-takeover.service`` instead (systemd refuses to start a socket
+    while its service is still active, and the legacy unit may drain for long after it has
+    closed its listener), and that stand-in, which never starts at boot."""
+    context = _context(cfg, env)
+    stand_in = takeover_router(cfg.unit_prefix(env))
+    jenv = _jinja()
+    return {unit_names(cfg.app, env.name)["socket"]:
+            jenv.get_template("socket.j2").render(context, service=stand_in),
+            stand_in: jenv.get_template("router.j2").render(context, takeover=True)}
+
+
+def takeover_router(prefix: str) -> str:
+    return f"{prefix}-takeover.service"
+
+
+def _context(cfg: Config, env: Environment) -> dict[str, object]:
+    return {
+        "app": cfg.app, "env": env, "prefix": cfg.unit_prefix(env),
+        "env_dir": str(cfg.env_dir(env)), "router_exec": cfg.router_exec,
+        "nofile": max(65536, env.router.max_connections * 2 + 1024),
+    }
 
 
 def socket_section(text: str) -> str:

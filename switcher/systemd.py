@@ -6,8 +6,10 @@ Failures become :class:`SystemdError` naming the command, systemd's words and th
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from switcher.errors import SystemdError
@@ -28,6 +30,7 @@ class Systemd(Protocol):
     def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]: ...
     def schedule(self, name: str, after: float, argv: list[str]) -> None: ...
     def cancel(self, name: str) -> None: ...
+    def start_transient(self, name: str, argv: list[str]) -> None: ...
 
 
 def run(argv: list[str], unit: str = "", timeout: float = 120) -> str:
@@ -106,6 +109,14 @@ class Systemctl:
         # A timer that already fired or never existed is nothing to cancel.
         subprocess.run(["systemctl", "stop", f"{name}.timer", f"{name}.service"],
                        capture_output=True, check=False)
+
+    def start_transient(self, name: str, argv: list[str]) -> None:
+        """Run ``argv`` as ``<name>.service`` under PID 1: it goes on if the caller dies.
+        Returns once it has started; it stays loaded (exited or failed) until stopped."""
+        subprocess.run(["systemctl", "reset-failed", f"{name}.service"], capture_output=True,
+                       check=False)
+        run(["systemd-run", "--quiet", f"--unit={name}", "--service-type=exec",
+             "--property=RemainAfterExit=yes", *argv], name)
 
 
 @dataclass
@@ -188,3 +199,19 @@ class FakeSystemd:
     def cancel(self, name: str) -> None:
         self.calls.append(("cancel", name))
         self.timers.pop(name, None)
+
+    def start_transient(self, name: str, argv: list[str]) -> None:
+        """Runs what a transient unit of alive-switch's would do: the takeover's cut-over."""
+        self.calls.append(("start-transient", name))
+        if "switcher.cutover" not in argv:
+            raise SystemdError(f"FakeSystemd cannot run {argv}", _hint(name))
+        legacy, socket_unit, _listen, _port, result = argv[-6:-1]
+        self.stop(legacy)
+        try:
+            self.start(socket_unit)
+        except SystemdError as exc:
+            self.start(legacy)
+            outcome = {"ok": False, "error": exc.message}
+        else:
+            outcome = {"ok": True, "bind_after_ms": 1.0}
+        Path(result).write_text(json.dumps(outcome))

@@ -7,42 +7,54 @@ In order, and why each step is where it is::
     before the stop: a failure undoes every change; UNIT never noticed
       check           UNIT is loaded and not ours, the socket is not active, no color is live,
                       nothing but UNIT listens on the public port
-      backup          UNIT's unit file and drop-ins -> <state>/<app>-<env>/takeover/
-      write_units     every unit (but the router's when UNIT has its name: until UNIT stops,
-                      that file is UNIT's), daemon-reload, router.json
+      backup          UNIT's unit file and drop-ins -> <state>/<app>-<env>/takeover/, and
+                      takeover/intent.json (see below)
+      write_units     every unit, daemon-reload, router.json. When UNIT has the router's name,
+                      its file stays UNIT's until the end, and the socket triggers a stand-in
+                      router, <prefix>-takeover.service: systemd refuses to start a socket
+                      while its service is active, and UNIT may drain for long after it has
+                      closed its listener
       start_blue      point blue at BUILD, start it on its internal port, beside UNIT
       health          the health gate, as a deploy's
       pre_switch      the hook, if any
       disable_legacy  UNIT stays running, but no longer starts at boot
-    the cut-over, back to back: the port refuses connections from the moment UNIT closes its
-    listener until the socket unit binds (the gap, measured by connecting every 2 ms)
-      stop_legacy     stop UNIT; with another name than the router's, the stop runs in the
-                      background and the socket binds as soon as the port is free, so the gap
-                      does not include UNIT's own graceful drain
-      write_router    (UNIT has the router's name) write it, daemon-reload: a connection that
-                      reaches the socket would otherwise start UNIT's old definition
-      bind            start the socket: the port listens; connections queue in its backlog
-      commit          state.json: blue live (the router serves it from its first accept)
-      start_router    start the router
+      commit          state.json: blue live (whatever router starts then serves blue)
+    the cut-over: the port refuses connections from the moment UNIT closes its listener until
+    the socket unit binds (the gap, measured by connecting every 2 ms)
+      cut_over        PID 1 runs switcher.cutover as <prefix>-cutover.service: stop UNIT, start
+                      the socket as soon as the port is free (or start UNIT again). Not the
+                      CLI: a CLI killed inside the gap would leave the port closed
+      start_router    the router (or its stand-in); connections waited in the socket's backlog
     after the stop, a failure restores UNIT: our units stopped and removed, UNIT re-enabled
     and started again
+    after the router serves, a failure is a warning (and the intent stays, for the next command)
       enable          the socket, the router and blue start at boot
+      swap_router     (UNIT has the router's name) UNIT's file becomes the router's, the socket
+                      triggers it again, daemon-reload, the stand-in hands over to the router;
+                      connections wait in the backlog meanwhile, none is refused
       post_switch     the hook, if any (a failure is a warning); history
 
+A CLI that dies (SIGKILL, a lost session) undoes nothing itself: takeover/intent.json,
+written with the backup and removed at the very end, tells the next command (any deploy or
+rollback, or the takeover run again) to finish the takeover if the socket is bound, or else
+to undo it: UNIT enabled and started as before, blue stopped, no color live.
+
 ``ALIVE_SWITCH_TEST_TAKEOVER_FAIL=<step>`` (tests only, off unless set) raises a failure on
-entering that step, to prove the undo from any point.
+entering that step, to prove the undo from any point; ``ALIVE_SWITCH_TEST_TAKEOVER_KILL=<step>``
+SIGKILLs the CLI there (for ``cut_over``: as soon as PID 1 has started it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,14 +63,22 @@ from pathlib import Path
 from typing import Any
 
 from switcher import builds, checks, health, install, render, state
+from switcher.cutover import port_free
 from switcher.deploy import Deployer, _env_quote
 from switcher.errors import AbortedError, SwitchError, UsageError
-from switcher.model import Color, State
+from switcher.model import Color
 from switcher.routerctl import serving
 
+__all__ = ["Resumed", "Takeover", "intent_path", "port_free", "resume"]
+
 TEST_FAIL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_FAIL"
+TEST_KILL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_KILL"
 PROBE_EVERY = 0.002  # seconds between connection attempts while measuring the gap
-PORT_POLL = 0.001  # seconds between bind attempts while waiting for UNIT to free the port
+INTENT = "intent.json"  # in the backup directory: a takeover between its commit and its end
+# The cut-over gives up (and starts UNIT again) when the port is still held this long after
+# the stop; systemd itself SIGKILLs UNIT after its TimeoutStopSec (90 s by default).
+CUTOVER_TIMEOUT = 300.0
+OUTCOME_POLL = 0.002  # seconds between looks for the cut-over's outcome file
 LEGACY_PROPS = ("LoadState", "ActiveState", "UnitFileState", "FragmentPath", "DropInPaths")
 # What a takeover may check before it starts blue: the socket and router checks of a deploy
 # cannot pass yet (UNIT holds the port), and there is no live color to probe.
@@ -75,12 +95,12 @@ class Step(enum.StrEnum):
     health = "health"
     pre_switch = "pre_switch"
     disable_legacy = "disable_legacy"
-    stop_legacy = "stop_legacy"
-    write_router = "write_router"
-    bind = "bind"
     commit = "commit"
+    cut_over = "cut_over"
+    bind = "bind"
     start_router = "start_router"
     enable = "enable"
+    swap_router = "swap_router"
     post_switch = "post_switch"
 
 
@@ -118,17 +138,26 @@ class Plan:
         """UNIT is named like the router: its file is replaced, not left beside ours."""
         return self.legacy.unit == self.names["router"]
 
+    @property
+    def stand_in(self) -> str:
+        return render.takeover_router(self.names["router"].removesuffix(".service"))
+
+    @property
+    def first_router(self) -> str:
+        """The router unit that serves first: the stand-in when UNIT has the router's name."""
+        return self.stand_in if self.same_name else self.names["router"]
+
     def steps(self) -> list[tuple[Step, str]]:
         unit, router, sock = self.legacy.unit, self.names["router"], self.names["socket"]
-        later = f" (not {router}: until {unit} stops it is {unit}'s file)" if self.same_name \
-            else ""
+        stand_in = (f" ({router} stays {unit}'s file until the end; {sock} triggers the "
+                    f"stand-in {self.stand_in})") if self.same_name else ""
         steps = [
             (Step.check, f"check: {unit} is loaded, nothing else listens on {self.listen}, "
                          f"{sock} is not active, no color is live"),
             (Step.backup, f"back up {self.legacy.fragment or unit + ' (no file)'}"
                           + (" and its drop-ins" if self.legacy.dropins else "")
-                          + f" to {self.backup_dir}/"),
-            (Step.write_units, f"write the units{later}, daemon-reload, router settings"),
+                          + f" to {self.backup_dir}/; {INTENT} there until the end"),
+            (Step.write_units, f"write the units{stand_in}, daemon-reload, router settings"),
             (Step.start_blue, f"point blue at {self.build}, start {self.blue} on its own port "
                               f"while {unit} serves"),
             (Step.health, "health gate on blue; failure: undo all of the above"),
@@ -136,18 +165,20 @@ class Plan:
         ]
         if self.legacy.enabled:
             steps.append((Step.disable_legacy, f"disable {unit} (it keeps running)"))
+        steps.append((Step.commit, f"state.json: blue live with {self.build}"))
         if self.legacy.active:
-            steps.append((Step.stop_legacy, f"stop {unit}: {self.listen} refuses from the "
-                                            "moment it closes its listener"))
-        if self.same_name:
-            steps.append((Step.write_router, f"write {router}, daemon-reload"))
+            steps.append((Step.cut_over, f"PID 1 stops {unit} and starts {sock} as soon as "
+                                         f"{self.listen} is free (the gap)"))
+        else:
+            steps.append((Step.bind, f"start {sock}: {self.listen} listens"))
         steps += [
-            (Step.bind, f"start {sock}: {self.listen} listens again (the gap ends)"),
-            (Step.commit, f"state.json: blue live with {self.build}"),
-            (Step.start_router, f"start {router}: it serves blue"),
+            (Step.start_router, f"start {self.first_router}: it serves blue"),
             (Step.enable, f"enable {sock}, {router}, {self.blue} at boot"),
-            (Step.post_switch, "post_switch hook, if configured; history"),
         ]
+        if self.same_name:
+            steps.append((Step.swap_router, f"write {router} over {unit}'s file, daemon-reload,"
+                                            f" {self.stand_in} hands over to {router}"))
+        steps.append((Step.post_switch, "post_switch hook, if configured; history"))
         return steps
 
     def describe(self) -> list[str]:
@@ -166,6 +197,42 @@ def make_plan(d: Deployer, legacy: Legacy, build: str) -> Plan:
 
 def backup_dir(d: Deployer) -> Path:
     return d.env_dir / "takeover"
+
+
+def intent_path(d: Deployer) -> Path:
+    return backup_dir(d) / INTENT
+
+
+# ---------------------------------------------------------------- a takeover whose CLI died
+
+class Resumed(enum.Enum):
+    finished = "finished"  # the cut-over had happened: the takeover was completed
+    undone = "undone"  # it had not: UNIT serves again, as before the takeover
+
+
+def resume(d: Deployer) -> Resumed:
+    """Finish or undo a takeover that ended between its commit and its end (the intent file
+    exists). The caller holds the lock."""
+    info = json.loads(intent_path(d).read_text())
+    legacy = Legacy(info["unit"], bool(info["active"]), bool(info["enabled"]),
+                    str(info["fragment"]), tuple(info["dropins"]))
+    p = make_plan(d, legacy, str(info["build"]))
+    takeover = Takeover(d, Path(info["unit_dir"]))
+    takeover.wait_cut_over()
+    result = Result(p)
+    if d.sd.show(p.names["socket"], "ActiveState")["ActiveState"] == "active":
+        d.say(f"a takeover of {legacy.unit} ended after its cut-over: completing it")
+        result.legacy = "replaced"
+        takeover.complete(p, result)
+        result.warnings.append("the takeover's CLI ended early: completed by a later command"
+                               " (its post_switch hook did not run)")
+        takeover.record(p, str(info["deploy_id"]), result, None)
+        return Resumed.finished
+    d.say(f"a takeover of {legacy.unit} ended before its cut-over: undoing it")
+    takeover.undo_interrupted(p, result)
+    takeover.record(p, str(info["deploy_id"]), result,
+                    SwitchError("interrupted before the cut-over; undone by a later command"))
+    return Resumed.undone
 
 
 # ---------------------------------------------------------------- undo
@@ -266,28 +333,6 @@ class GapProbe:
             self._stop.wait(PROBE_EVERY)
 
 
-def port_free(listen: str, port: int) -> bool:
-    """Whether the socket unit could bind ``listen`` now (SO_REUSEADDR, as systemd binds)."""
-    if ":" in listen:
-        host = listen.rsplit(":", 1)[0].strip("[]")
-        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
-    else:  # a bare port: systemd binds [::] (dual-stack), or 0.0.0.0 without IPv6
-        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-    for family, host in candidates:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6 and host == "::":
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-                probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            continue  # no IPv6 here: try the next way systemd would bind
-        return True
-    return False
-
-
 # ---------------------------------------------------------------- doing it
 
 @dataclass
@@ -316,6 +361,8 @@ class Takeover:
                 self.say(line)
             return Result(the_plan)
         with self.d.lock(f"install {self.env.name} --takeover {unit} {build.name}"):
+            if intent_path(self.d).exists():
+                resume(self.d)  # an earlier takeover's CLI died: finish or undo it first
             return self._run(the_plan, build)
 
     def _run(self, p: Plan, build: builds.Build) -> Result:
@@ -325,10 +372,10 @@ class Takeover:
         undo = Undo()
         try:
             self._check(p, result)
-            self._prepare(p, build, undo, result)
+            self._prepare(p, build, undo, result, deploy_id)
         except BaseException as exc:
             problems = undo.run()
-            self._record(p, deploy_id, result, exc)
+            self.record(p, deploy_id, result, exc)
             if isinstance(exc, SwitchError | OSError):
                 message = exc.message if isinstance(exc, SwitchError) else str(exc)
                 raise AbortedError(
@@ -339,20 +386,22 @@ class Takeover:
                     exc.hint if isinstance(exc, SwitchError) else "") from None
             raise
         try:
-            self._cut_over(p, undo, result, deploy_id)
+            self._cut_over(p, undo, result)
         except BaseException as exc:
             self._restore(p, undo, result, deploy_id, exc)
             raise
         result.legacy = "replaced"
         self._finish(p, build, result)
-        self._record(p, deploy_id, result, None)
+        self.record(p, deploy_id, result, None)
         return result
 
     # -- steps --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _step(self, step: Step, result: Result, label: str = "") -> Iterator[None]:
+    def step(self, step: Step, result: Result, label: str = "") -> Iterator[None]:
         result.current = step.value
+        if os.environ.get(TEST_KILL_VAR) == step.value and step is not Step.cut_over:
+            os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get(TEST_FAIL_VAR) == step.value:
             raise SwitchError(f"injected failure at step {step} ({TEST_FAIL_VAR})")
         began = time.monotonic()
@@ -362,7 +411,7 @@ class Takeover:
         self.say(f"  {step.value:<16} {took:7.2f} s  {label}".rstrip())
 
     def _check(self, p: Plan, result: Result) -> None:
-        with self._step(Step.check, result):
+        with self.step(Step.check, result):
             legacy, names = p.legacy, p.names
             props = self.sd.show(legacy.unit, "LoadState")
             if props["LoadState"] != "loaded":
@@ -397,25 +446,28 @@ class Takeover:
         if p.legacy.active and not holders:
             self.say(f"note: {p.legacy.unit} does not listen on port {self.env.listen_port}")
 
-    def _prepare(self, p: Plan, build: builds.Build, undo: Undo, result: Result) -> None:
-        with self._step(Step.backup, result, str(p.backup_dir)):
-            self._backup(p, undo)
-        with self._step(Step.write_units, result):
-            self._write_units(p, undo, skip={p.names["router"]} if p.same_name else set())
-        with self._step(Step.start_blue, result, f"{build.name} on port "
+    def _prepare(self, p: Plan, build: builds.Build, undo: Undo, result: Result,
+                 deploy_id: str) -> None:
+        with self.step(Step.backup, result, str(p.backup_dir)):
+            self._backup(p, undo, deploy_id)
+        with self.step(Step.write_units, result):
+            self._write_units(p, undo)
+        with self.step(Step.start_blue, result, f"{build.name} on port "
                         f"{self.env.port(Color.blue)}"):
             self._preflight(build)
             started = self._start_blue(build, undo)
-        with self._step(Step.health, result):
+        with self.step(Step.health, result):
             self._health_gate(started)
-        with self._step(Step.pre_switch, result):
+        with self.step(Step.pre_switch, result):
             self._hook("pre_switch", build, result, abort=True)
         if p.legacy.enabled:
-            with self._step(Step.disable_legacy, result, p.legacy.unit):
+            with self.step(Step.disable_legacy, result, p.legacy.unit):
                 self.sd.disable(p.legacy.unit)
                 undo.add(f"enable {p.legacy.unit}", lambda: self.sd.enable(p.legacy.unit))
+        with self.step(Step.commit, result):
+            self._commit(p, undo, deploy_id)
 
-    def _backup(self, p: Plan, undo: Undo) -> None:
+    def _backup(self, p: Plan, undo: Undo, deploy_id: str) -> None:
         env_dir = self.d.env_dir
         if not env_dir.exists():
             env_dir.mkdir(parents=True, mode=0o755)
@@ -437,14 +489,29 @@ class Takeover:
                 "restore": f"cp {target / (legacy.unit + '.bak')} {legacy.fragment}; "
                            f"systemctl daemon-reload; systemctl enable --now {legacy.unit}"}
         state.write_atomic(target / "legacy.json", (json.dumps(info, indent=2) + "\n").encode())
+        self._write_intent(p, undo, deploy_id)
 
-    def _write_units(self, p: Plan, undo: Undo, skip: set[str]) -> None:
+    def _write_intent(self, p: Plan, undo: Undo, deploy_id: str) -> None:
+        """Before the first change that matters: what a later command needs to finish or
+        undo this takeover if the CLI dies (see :func:`resume`)."""
+        intent = intent_path(self.d)
+        undo.add(f"remove {intent}", lambda: intent.unlink(missing_ok=True))
+        legacy = p.legacy
+        state.write_atomic(intent, (json.dumps({
+            "unit": legacy.unit, "active": legacy.active, "enabled": legacy.enabled,
+            "fragment": legacy.fragment, "dropins": list(legacy.dropins), "build": p.build,
+            "deploy_id": deploy_id, "unit_dir": str(self.unit_dir),
+        }, indent=2) + "\n").encode())
+
+    def _write_units(self, p: Plan, undo: Undo) -> None:
         # Registered first, so it runs last: after the files are back as they were.
         undo.add("daemon-reload", self.sd.daemon_reload)
         files = render.render(self.d.cfg, self.env)
+        if p.same_name:  # until the end, that file is UNIT's; the socket triggers a stand-in
+            del files[p.names["router"]]
+            files.update(render.takeover_units(self.d.cfg, self.env))
         for rel, text in sorted(files.items()):
-            if rel not in skip:
-                self._put(self.unit_dir / rel, text.encode(), undo)
+            self._put(self.unit_dir / rel, text.encode(), undo)
         self.sd.daemon_reload()
         settings = install.router_settings(self.d.cfg, self.env)
         undo.add("router settings", snapshot(self.d.env_dir / state.ROUTER_SETTINGS))
@@ -511,78 +578,92 @@ class Takeover:
 
     # -- the cut-over ---------------------------------------------------------------------
 
-    def _cut_over(self, p: Plan, undo: Undo, result: Result, deploy_id: str) -> None:
-        legacy, sd, names = p.legacy, self.sd, p.names
-        stopping: threading.Thread | None = None
-        stop_error: list[BaseException] = []
+    def _cut_over(self, p: Plan, undo: Undo, result: Result) -> None:
+        legacy, sd, sock = p.legacy, self.sd, p.names["socket"]
         with GapProbe(install.listen_probe_address(self.env)) as probe:
             result.gap = probe.gap
-            began = time.monotonic()
             if legacy.active:
-                with self._step(Step.stop_legacy, result, legacy.unit):
-                    # `stopping` is read when the undo runs: by then it is set.
-                    undo.add(f"start {legacy.unit}",
-                             lambda: self._start_legacy(legacy.unit, stopping))
-                    if p.same_name:
-                        sd.stop(legacy.unit)  # its file is replaced next: it must be gone
-                    else:
-                        stopping = _in_background(lambda: sd.stop(legacy.unit), stop_error)
-                        self._wait_port_free(stopping, stop_error)
-            if p.same_name:
-                with self._step(Step.write_router, result):
-                    self._replace_legacy_file(p, undo)
-            with self._step(Step.bind, result, names["socket"]):
-                sd.reset_failed(names["socket"])
-                undo.add(f"stop {names['socket']}", lambda: sd.stop(names["socket"]))
-                sd.start(names["socket"])
-                result.gap.bind_after = time.monotonic() - began
-            with self._step(Step.commit, result):
-                committed = self._commit(p, undo, deploy_id)
-            with self._step(Step.start_router, result, names["router"]):
-                self._start_router(p, undo, committed)
+                undo.add(f"start {legacy.unit}", lambda: self._start_legacy(legacy.unit))
+            undo.add(f"stop {sock}", lambda: sd.stop(sock))
+            if legacy.active:
+                with self.step(Step.cut_over, result, f"{legacy.unit} → {sock}"):
+                    result.gap.bind_after = self._run_cut_over(p)
+            else:
+                with self.step(Step.bind, result, sock):
+                    sd.reset_failed(sock)
+                    sd.start(sock)
+            with self.step(Step.start_router, result, p.first_router):
+                self._start_router(p, undo)
         self.say(result.gap.line())
-        if stopping is not None:
-            stopping.join()  # the rest of UNIT's own graceful stop
-            if stop_error:
-                # The port was free and the new units serve: too late to go back for this.
-                self._warn(result, f"stopping {legacy.unit} reported: {stop_error[0]}")
 
-    def _wait_port_free(self, stopping: threading.Thread, stop_error: list[BaseException]
-                        ) -> None:
-        """Until UNIT closed its listener (not until it exited: it may drain for long)."""
-        port = self.env.listen_port
-        while not port_free(self.env.listen_address, port):
-            if not stopping.is_alive():
-                if stop_error:
-                    raise stop_error[0]
-                if not port_free(self.env.listen_address, port):
-                    raise SwitchError(f"port {port} is still held after its unit stopped",
-                                      f"see: ss -ltnp 'sport = :{port}'")
-                return
-            time.sleep(PORT_POLL)
+    def _run_cut_over(self, p: Plan) -> float:
+        """Have PID 1 stop UNIT and bind the socket (see switcher.cutover); seconds from the
+        stop to the bind."""
+        name = f"{self.d.prefix}-cutover"
+        outcome = p.backup_dir / "cutover.json"
+        outcome.unlink(missing_ok=True)
+        self.sd.cancel(name)  # a finished one of an earlier attempt still holds the name
+        self.sd.start_transient(name, [
+            sys.executable, "-m", "switcher.cutover", p.legacy.unit, p.names["socket"],
+            self.env.listen_address, str(self.env.listen_port), str(outcome),
+            f"{CUTOVER_TIMEOUT:g}"])
+        if os.environ.get(TEST_KILL_VAR) == Step.cut_over.value:
+            os.kill(os.getpid(), signal.SIGKILL)
+        done = self._wait_outcome(name, outcome)
+        self.sd.cancel(name)
+        if not done.get("ok"):
+            raise SwitchError(f"the cut-over failed: {done.get('error')}",
+                              f"see: journalctl -u {name}.service -n 50 --no-pager")
+        return float(done.get("bind_after_ms", 0)) / 1000
 
-    def _start_legacy(self, unit: str, stopping: threading.Thread | None) -> None:
-        if stopping is not None:
-            stopping.join()
+    def _wait_outcome(self, name: str, outcome: Path) -> dict[str, Any]:
+        deadline = time.monotonic() + CUTOVER_TIMEOUT + 30
+        next_look = time.monotonic() + 0.5
+        while not outcome.exists():
+            now = time.monotonic()
+            if now > next_look:  # a cut-over that died leaves no outcome: ask systemd
+                next_look = now + 0.5
+                props = self.sd.show(f"{name}.service", "ActiveState", "Result")
+                if props["ActiveState"] in ("failed", "inactive") and not outcome.exists():
+                    return {"ok": False, "error": f"{name}.service ended without an outcome "
+                                                  f"({props['ActiveState']}, {props['Result']})"}
+            if now > deadline:
+                return {"ok": False, "error": f"no outcome from {name}.service in "
+                                              f"{CUTOVER_TIMEOUT + 30:g} s"}
+            time.sleep(OUTCOME_POLL)
+        return dict(json.loads(outcome.read_text()))
+
+    def wait_cut_over(self) -> None:
+        """Until a cut-over started by a CLI that died has ended (PID 1 runs it on)."""
+        name = f"{self.d.prefix}-cutover.service"
+        deadline = time.monotonic() + CUTOVER_TIMEOUT + 30
+        while self.sd.show(name, "SubState")["SubState"] in ("running", "start"):
+            if time.monotonic() > deadline:
+                raise SwitchError(f"{name} still runs after {CUTOVER_TIMEOUT + 30:g} s",
+                                  f"see: journalctl -u {name} -n 50 --no-pager")
+            time.sleep(0.05)
+        self.sd.cancel(name.removesuffix(".service"))
+
+    def undo_interrupted(self, p: Plan, result: Result) -> None:
+        """UNIT serves again as before; blue stops; no color is live."""
+        legacy = p.legacy
+        if legacy.enabled:
+            self.sd.enable(legacy.unit)
+        if legacy.active and self.sd.show(legacy.unit, "ActiveState")["ActiveState"] != "active":
+            self._start_legacy(legacy.unit)
+        self.sd.stop(p.blue)
+        current = self.d.load_state()
+        state.save_state(self.d.env_dir, current.with_(active=None, pending=None, fallback=None,
+                                                       drain_until=None))
+        intent_path(self.d).unlink(missing_ok=True)
+        result.legacy = "restored"
+
+    def _start_legacy(self, unit: str) -> None:
         self.sd.reset_failed(unit)
         self.sd.start(unit)
 
-    def _replace_legacy_file(self, p: Plan, undo: Undo) -> None:
-        undo.add("daemon-reload", self.sd.daemon_reload)
-        # UNIT's own drop-ins would apply to our router: set aside (they are in the backup).
-        own = self.unit_dir / f"{p.legacy.unit}.d"
-        for dropin in map(Path, p.legacy.dropins):
-            if dropin.parent == own and dropin.is_file():
-                undo.add(f"restore {dropin}", snapshot(dropin))
-                dropin.unlink()
-        with contextlib.suppress(OSError):
-            own.rmdir()  # only when empty: files it may hold that are not UNIT's stay
-            undo.add(f"recreate {own}", lambda: own.mkdir(exist_ok=True))
-        text = render.render(self.d.cfg, self.env)[p.names["router"]]
-        self._put(self.unit_dir / p.names["router"], text.encode(), undo)
-        self.sd.daemon_reload()
-
-    def _commit(self, p: Plan, undo: Undo, deploy_id: str) -> State:
+    def _commit(self, p: Plan, undo: Undo, deploy_id: str) -> None:
+        """Blue live before the cut-over: whichever router starts then serves it."""
         env_dir = self.d.env_dir
         current = self.d.load_state()
         committed = current.with_(active=Color.blue, builds={**current.builds,
@@ -592,16 +673,19 @@ class Takeover:
         undo.add("state.json.prev", snapshot(env_dir / state.STATE_PREV))
         undo.add("state.json", snapshot(env_dir / state.STATE))
         state.save_state(env_dir, committed)
-        return committed
 
-    def _start_router(self, p: Plan, undo: Undo, committed: State) -> None:
-        router = p.names["router"]
+    def _start_router(self, p: Plan, undo: Undo) -> None:
+        router = p.first_router
         self.sd.reset_failed(router)
         undo.add(f"stop {router}", lambda: self.sd.stop(router))
         self.sd.restart(router)
-        # It read state.json as it started; this only covers a router that did not.
+        self._router_serves_blue()
+
+    def _router_serves_blue(self) -> None:
+        # The router read state.json as it started; this only covers one that did not.
         if serving(self.d.router.status()) != Color.blue:
-            self.d.router.switch(Color.blue, None, None, committed.builds)
+            current = self.d.load_state()
+            self.d.router.switch(Color.blue, None, None, current.builds)
 
     def _restore(self, p: Plan, undo: Undo, result: Result, deploy_id: str,
                  exc: BaseException) -> None:
@@ -610,7 +694,7 @@ class Takeover:
                  f"restoring {p.legacy.unit}")
         problems = undo.run()
         result.legacy = "restore failed" if problems else "restored"
-        self._record(p, deploy_id, result, exc)
+        self.record(p, deploy_id, result, exc)
         if problems:
             raise SwitchError(f"takeover failed after {p.legacy.unit} was stopped ({message}) "
                               f"and restoring it failed too: {'; '.join(problems)}",
@@ -627,15 +711,52 @@ class Takeover:
     def _finish(self, p: Plan, build: builds.Build, result: Result) -> None:
         """The new stack serves: from here a failure is a warning, never a restore."""
         try:
-            with self._step(Step.enable, result):
-                for unit in (p.names["socket"], p.names["router"], p.blue):
-                    self._enable(unit, result)
-            with self._step(Step.post_switch, result):
+            self.complete(p, result)
+            with self.step(Step.post_switch, result):
                 self._hook("post_switch", build, result, abort=False)
         except SwitchError as exc:
             self._warn(result, f"{exc.message} (after the cut-over: blue serves)")
         self.say(f"{build.name} is live on blue; {p.legacy.unit} is stopped and disabled, its "
                  f"unit file backed up in {p.backup_dir}/")
+
+    def complete(self, p: Plan, result: Result) -> None:
+        """Enable at boot, hand over from the stand-in, end the intent. Run again by a later
+        command when the CLI died before the end (see :func:`resume`)."""
+        with self.step(Step.enable, result):
+            for unit in (p.names["socket"], p.blue):
+                self._enable(unit, result)
+            if not p.same_name:
+                self._enable(p.names["router"], result)
+        if p.same_name:
+            with self.step(Step.swap_router, result, f"{p.stand_in} → {p.names['router']}"):
+                self._swap_router(p)
+            self._enable(p.names["router"], result)
+        intent_path(self.d).unlink(missing_ok=True)
+
+    def _replace_legacy_file(self, p: Plan) -> None:
+        # UNIT's own drop-ins would apply to our router: set aside (they are in the backup).
+        own = self.unit_dir / f"{p.legacy.unit}.d"
+        for dropin in map(Path, p.legacy.dropins):
+            if dropin.parent == own and dropin.is_file():
+                dropin.unlink()
+        with contextlib.suppress(OSError):
+            own.rmdir()  # only when empty: files it may hold that are not UNIT's stay
+        text = render.render(self.d.cfg, self.env)[p.names["router"]]
+        state.write_atomic(self.unit_dir / p.names["router"], text.encode())
+
+    def _swap_router(self, p: Plan) -> None:
+        """UNIT has stopped: its name becomes the router's. No connection is refused: the
+        socket keeps listening, and they wait in its backlog while no router runs."""
+        self._replace_legacy_file(p)
+        files = render.render(self.d.cfg, self.env)
+        sock = p.names["socket"]
+        state.write_atomic(self.unit_dir / sock, files[sock].encode())
+        (self.unit_dir / p.stand_in).unlink(missing_ok=True)
+        self.sd.daemon_reload()
+        self.sd.stop(p.stand_in)
+        self.sd.reset_failed(p.names["router"])
+        self.sd.start(p.names["router"])
+        self._router_serves_blue()
 
     def _enable(self, unit: str, result: Result) -> None:
         try:
@@ -648,7 +769,7 @@ class Takeover:
         result.warnings.append(warning)
         self.say(f"warning: {warning}")
 
-    def _record(self, p: Plan, deploy_id: str, result: Result, exc: BaseException | None
+    def record(self, p: Plan, deploy_id: str, result: Result, exc: BaseException | None
                 ) -> None:
         failed = exc is not None
         message = "" if not failed else (exc.message if isinstance(exc, SwitchError)
@@ -661,19 +782,6 @@ class Takeover:
             "takeover": {"unit": p.legacy.unit, "backup": str(p.backup_dir),
                          "gap": result.gap.to_json(), "legacy": result.legacy},
         })
-
-
-def _in_background(action: Callable[[], None], errors: list[BaseException]
-                   ) -> threading.Thread:
-    def run() -> None:
-        try:
-            action()
-        except BaseException as exc:  # handed to the caller, which re-raises it
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="stop-legacy", daemon=True)
-    thread.start()
-    return thread
 
 
 def _rendered_by_us(path: str) -> bool:

@@ -309,22 +309,27 @@ def plan_for(unit: str, *, active: bool = True, enabled: bool = True) -> Plan:
                 "9000", Path("/var/lib/alive-switch/lc-prod/takeover"))
 
 
-def test_takeover_plan_with_the_routers_name_writes_its_file_after_the_stop() -> None:
-    steps = [step for step, _ in plan_for("lc-prod.service").steps()]
-    assert steps.index(Step.disable_legacy) < steps.index(Step.stop_legacy) \
-        < steps.index(Step.write_router) < steps.index(Step.bind)
-    assert steps.index(Step.health) < steps.index(Step.stop_legacy)
-    write_units = dict(plan_for("lc-prod.service").steps())[Step.write_units]
-    assert "not lc-prod.service" in write_units
+def test_takeover_plan_with_the_routers_name_hands_over_from_a_stand_in() -> None:
+    p = plan_for("lc-prod.service")
+    steps = [step for step, _ in p.steps()]
+    assert steps.index(Step.health) < steps.index(Step.disable_legacy) \
+        < steps.index(Step.commit) < steps.index(Step.cut_over) \
+        < steps.index(Step.start_router) < steps.index(Step.swap_router)
+    write_units = dict(p.steps())[Step.write_units]
+    assert "lc-prod.service stays lc-prod.service's file" in write_units
+    assert p.first_router == p.stand_in == "lc-prod-takeover.service"
 
 
-def test_takeover_plan_of_another_unit_binds_right_after_the_stop() -> None:
-    steps = [step for step, _ in plan_for("legacy.service").steps()]
-    assert Step.write_router not in steps
-    assert steps[steps.index(Step.stop_legacy) + 1] == Step.bind
+def test_takeover_plan_of_another_unit_starts_the_router_right_after_the_cut_over() -> None:
+    p = plan_for("legacy.service")
+    steps = [step for step, _ in p.steps()]
+    assert Step.swap_router not in steps
+    assert steps[steps.index(Step.cut_over) + 1] == Step.start_router
+    assert p.first_router == "lc-prod.service"
     quiet = [step for step, _ in plan_for("legacy.service", active=False,
                                           enabled=False).steps()]
-    assert Step.stop_legacy not in quiet and Step.disable_legacy not in quiet
+    assert Step.cut_over not in quiet and Step.disable_legacy not in quiet
+    assert Step.bind in quiet
     assert "is restored" in plan_for("legacy.service").describe()[-1]
 
 
@@ -385,8 +390,15 @@ def test_a_takeover_of_the_routers_name_replaces_its_file_and_drop_ins(tmp_path:
     result = Takeover(d, unit_dir).run("lc-prod.service", "b1", dry_run=False)
     calls = [c for c in sd.calls if c[0] in ("stop", "start", "daemon-reload")]
     stop = calls.index(("stop", "lc-prod.service"))
-    assert calls[stop + 1:stop + 3] == [("daemon-reload", ""), ("start", "lc-prod.socket")]
+    # PID 1's cut-over binds the socket at once; the stand-in serves until the swap
+    assert calls[stop + 1:stop + 3] == [("start", "lc-prod.socket"),
+                                        ("stop", "lc-prod-takeover.service")]
+    assert calls[-3:] == [("daemon-reload", ""), ("stop", "lc-prod-takeover.service"),
+                          ("start", "lc-prod.service")]
     assert (unit_dir / "lc-prod.service").read_text().startswith("# Rendered by alive-switch")
+    assert "Service=lc-prod.service" in (unit_dir / "lc-prod.socket").read_text()
+    assert not (unit_dir / "lc-prod-takeover.service").exists()
+    assert not (d.env_dir / "takeover/intent.json").exists()
     assert not (unit_dir / "lc-prod.service.d").exists()
     backup = d.env_dir / "takeover"
     assert (backup / "lc-prod.service.bak").read_text() == legacy_text
@@ -455,3 +467,52 @@ def test_a_failure_after_the_cut_over_is_a_warning_not_a_restore(
     assert sd.units["legacy.service"].active == "inactive"
     assert d.load_state().active == Color.blue
     assert state.read_history(d.env_dir)[-1]["outcome"] == "ok"
+
+
+# ---------------------------------------------------------------- a takeover whose CLI died
+
+def die(*_args: object, **_kwargs: object) -> None:
+    raise SystemExit("killed")  # stands for SIGKILL: nothing of the CLI runs after it
+
+
+@pytest.mark.usefixtures("health_servers", "no_host_checks")
+def test_a_later_command_completes_a_takeover_killed_after_its_cut_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, sd, unit_dir = takeover_world(tmp_path, "lc-prod.service")
+    with monkeypatch.context() as m:
+        m.setattr(Takeover, "complete", die)
+        with pytest.raises(SystemExit):
+            Takeover(d, unit_dir).run("lc-prod.service", "b1", dry_run=False)
+    assert (d.env_dir / "takeover/intent.json").exists()
+    assert sd.units["lc-prod-takeover.service"].active == "active", "the stand-in serves"
+    current, _ = d.begin()
+    assert current.active == Color.blue
+    assert not (d.env_dir / "takeover/intent.json").exists()
+    assert (unit_dir / "lc-prod.service").read_text().startswith("# Rendered by alive-switch")
+    assert not (unit_dir / "lc-prod-takeover.service").exists()
+    assert sd.units["lc-prod-takeover.service"].active == "inactive"
+    assert all(sd.units[u].enabled for u in ("lc-prod.socket", "lc-prod.service",
+                                             "lc-prod@blue.service"))
+    record = state.read_history(d.env_dir)[-1]
+    assert record["outcome"] == "ok" and "completed by a later command" in record["warnings"][0]
+
+
+@pytest.mark.usefixtures("health_servers", "no_host_checks")
+def test_a_later_command_undoes_a_takeover_killed_before_its_cut_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
+    with monkeypatch.context() as m:
+        m.setattr(Takeover, "_cut_over", die)
+        m.setattr(Takeover, "_restore", lambda *_a: None)
+        with pytest.raises(SystemExit):
+            Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+    assert d.load_state().active == Color.blue, "committed before the cut-over"
+    assert not sd.units["legacy.service"].enabled
+    with pytest.raises(AbortedError, match="interrupted takeover was undone"):
+        d.deploy("b2", force=False, dry_run=False)
+    assert sd.units["legacy.service"].active == "active"
+    assert sd.units["legacy.service"].enabled
+    assert sd.units["lc-prod@blue.service"].active == "inactive"
+    assert d.load_state().active is None
+    assert not (d.env_dir / "takeover/intent.json").exists()
+    assert state.read_history(d.env_dir)[-1]["takeover"]["legacy"] == "restored"

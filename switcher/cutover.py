@@ -1,0 +1,112 @@
+"""The critical section of a takeover, run by PID 1 rather than by the CLI.
+
+``install --takeover`` starts this module as a transient service (``systemd-run --wait``)::
+
+    python -m switcher.cutover LEGACY SOCKET LISTEN_ADDRESS PORT RESULT_FILE TIMEOUT
+
+It stops LEGACY in the background, binds SOCKET (``systemctl start``) the moment LEGACY has
+closed its listener (not when it has exited: it may drain for long), and writes
+``{"ok": true, "bind_after_ms": …}`` to RESULT_FILE. If the port is not free within TIMEOUT
+seconds or the socket does not start, it starts LEGACY again, writes ``{"ok": false,
+"error": …}`` and exits 1.
+
+Why a separate process under systemd: between the stop and the bind, nothing listens on the
+public port. Run by the CLI, a CLI killed there (a lost SSH session, an OOM kill) would leave
+the port closed for good; run by PID 1, the cut-over finishes, or LEGACY comes back, whatever
+happens to the CLI.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PORT_POLL = 0.001  # seconds between bind attempts while LEGACY still holds the port
+
+
+def port_free(listen: str, port: int) -> bool:
+    """Whether the socket unit could bind ``listen`` now (SO_REUSEADDR, as systemd binds)."""
+    if ":" in listen:
+        host = listen.rsplit(":", 1)[0].strip("[]")
+        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+    else:  # a bare port: systemd binds [::] (dual-stack), or 0.0.0.0 without IPv6
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    for family, host in candidates:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and host == "::":
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            continue  # no IPv6 here: try the next way systemd would bind
+        return True
+    return False
+
+
+def cut_over(legacy: str, socket_unit: str, listen: str, port: int, timeout: float) -> float:
+    """Stop ``legacy``, bind ``socket_unit``; seconds from the stop to the bind. On failure
+    ``legacy`` is started again and RuntimeError raised."""
+    began = time.monotonic()
+    stopping = subprocess.Popen(["systemctl", "stop", legacy], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_free(listen, port, stopping, timeout)
+        subprocess.run(["systemctl", "start", socket_unit], check=True, capture_output=True,
+                       text=True)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        stopping.wait()
+        subprocess.run(["systemctl", "start", legacy], check=False)
+        said = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        raise RuntimeError(f"{said}; started {legacy} again") from None
+    bound = time.monotonic() - began
+    stopping.wait()  # the rest of LEGACY's own graceful stop
+    return bound
+
+
+def _wait_free(listen: str, port: int, stopping: subprocess.Popen[str], timeout: float
+               ) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_free(listen, port):
+        if stopping.poll() is not None:
+            if stopping.returncode != 0:
+                said = stopping.stderr.read().strip() if stopping.stderr else ""
+                raise RuntimeError(f"stopping the legacy unit failed: {said}")
+            if not port_free(listen, port):
+                raise RuntimeError(f"port {port} is still held after the legacy unit stopped")
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"port {port} was still held {timeout:g} s after the stop")
+        time.sleep(PORT_POLL)
+
+
+def main(argv: list[str]) -> int:
+    legacy, socket_unit, listen, port, result, timeout = argv
+    try:
+        bound = cut_over(legacy, socket_unit, listen, int(port), float(timeout))
+    except RuntimeError as exc:
+        _write(Path(result), {"ok": False, "error": str(exc)})
+        print(f"cut-over failed: {exc}", file=sys.stderr)
+        return 1
+    _write(Path(result), {"ok": True, "bind_after_ms": round(bound * 1000, 1)})
+    print(f"{legacy} stopped, {socket_unit} bound {bound * 1000:.0f} ms after the stop")
+    return 0
+
+
+def _write(path: Path, outcome: dict[str, object]) -> None:
+    """Atomically: the CLI polls for the file and must never read half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(outcome) + "\n")
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
