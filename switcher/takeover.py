@@ -353,17 +353,21 @@ class Takeover:
 
     def run(self, unit: str, build_arg: str | None, *, dry_run: bool) -> Result:
         unit = unit if "." in unit else f"{unit}.service"
-        legacy = Legacy.from_props(unit, self.sd.show(unit, *LEGACY_PROPS))
-        build = builds.resolve(self.env, build_arg)
-        the_plan = make_plan(self.d, legacy, build.name)
         if dry_run:
+            the_plan, _ = self._plan(unit, build_arg)
             for line in the_plan.describe():
                 self.say(line)
             return Result(the_plan)
-        with self.d.lock(f"install {self.env.name} --takeover {unit} {build.name}"):
+        with self.d.lock(f"install {self.env.name} --takeover {unit} {build_arg or ''}".strip()):
             if intent_path(self.d).exists():
                 resume(self.d)  # an earlier takeover's CLI died: finish or undo it first
-            return self._run(the_plan, build)
+            # Read UNIT only now: undoing an earlier attempt may have re-enabled it.
+            return self._run(*self._plan(unit, build_arg))
+
+    def _plan(self, unit: str, build_arg: str | None) -> tuple[Plan, builds.Build]:
+        legacy = Legacy.from_props(unit, self.sd.show(unit, *LEGACY_PROPS))
+        build = builds.resolve(self.env, build_arg)
+        return make_plan(self.d, legacy, build.name), build
 
     def _run(self, p: Plan, build: builds.Build) -> Result:
         result = Result(p)

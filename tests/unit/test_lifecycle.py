@@ -5,6 +5,7 @@ and logs. tests/system/test_real_hosts.py proves the same against a real systemd
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -516,3 +517,20 @@ def test_a_later_command_undoes_a_takeover_killed_before_its_cut_over(
     assert d.load_state().active is None
     assert not (d.env_dir / "takeover/intent.json").exists()
     assert state.read_history(d.env_dir)[-1]["takeover"]["legacy"] == "restored"
+
+
+@pytest.mark.usefixtures("health_servers", "no_host_checks")
+def test_the_takeover_run_again_undoes_the_killed_one_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
+    with monkeypatch.context() as m:
+        m.setattr(Takeover, "_cut_over", die)
+        m.setattr(Takeover, "_restore", lambda *_a: None)
+        with pytest.raises(SystemExit):
+            Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+    assert not sd.units["legacy.service"].enabled, "the killed run had disabled it"
+    result = Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+    assert result.plan.legacy.enabled, "read after the undo: it was enabled before all this"
+    assert result.legacy == "replaced" and d.load_state().active == Color.blue
+    backup = json.loads((d.env_dir / "takeover/legacy.json").read_text())
+    assert backup["was_enabled"] is True
