@@ -14,7 +14,8 @@
                          "inflight": 0, "role": "live" | "standby" | "idle",
                          "restart_pending": false}, "green": {..}},
      "last": {history record} | null,
-     "state_error": null | "why state.json could not be read"}
+     "state_error": null | "why state.json could not be read",
+     "takeover": null | "legacy.service"}   (a takeover whose CLI died before its end)
 
 ``restart_pending``: the color runs a process started before its installed config (unit
 file, drop-ins, environment_file) last changed; its next start applies that config.
@@ -26,8 +27,10 @@ one object as above per environment, and ``render_overview`` one line per enviro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from switcher import health, state
@@ -70,7 +73,20 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
                                    router_info=router_info) for c in Color},
         "last": next((r for r in reversed(history) if r.get("kind") != "reconcile"), None),
         "state_error": state_error,
+        "takeover": _unfinished_takeover(env_dir),
     }
+
+
+def _unfinished_takeover(env_dir: Path) -> str | None:
+    """The legacy unit of a takeover whose CLI died before its end, if any."""
+    try:
+        return str(json.loads((env_dir / "takeover" / "intent.json").read_text())["unit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+TAKEOVER_NOTE = ("a takeover of {unit} did not finish (its CLI ended): the next deploy, "
+                 "rollback or install of this environment finishes or undoes it")
 
 
 def _v(color: Color | None) -> str | None:
@@ -145,6 +161,8 @@ def render_table(info: dict[str, Any]) -> list[str]:
         p = info["pending"]
         lines.append(f"  interrupted: {p['target']} at phase {p['phase']} (the next command "
                      "reconciles it)")
+    if info.get("takeover"):
+        lines.append("  " + TAKEOVER_NOTE.format(unit=info["takeover"]))
     r = info["router"]
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
@@ -197,6 +215,8 @@ def render_overview(infos: list[dict[str, Any]]) -> list[str]:
         if info["pending"]:
             notes.append(f"{prefix}: interrupted at {info['pending']['phase']} (the next "
                          "command reconciles it)")
+        if info.get("takeover"):
+            notes.append(f"{prefix}: " + TAKEOVER_NOTE.format(unit=info["takeover"]))
         notes += [f"{prefix}: restart pending: {c} started before the config changed"
                   for c in ("blue", "green") if info["colors"][c].get("restart_pending")]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -278,12 +278,15 @@ def test_a_takeover_killed_in_its_cut_over_is_finished_by_pid_1_and_the_next_com
     assert result.window < GAP_LIMIT, result.report("too long")
     wait_for("blue serving", lambda: build_on(P_LISTEN) == "B1")
     assert prod.show("rh-prod-takeover.service", "ActiveState") == "active", "the stand-in"
+    assert prod.status_json()["takeover"] == PROD_LEGACY
+    assert "did not finish" in prod.ok("status", "prod")
     out = prod.ok("deploy", "prod", "B2")
     assert "ended after its cut-over: completing it" in out
     assert build_on(P_LISTEN) == "B2"
     assert (unit_dir / PROD_LEGACY).read_text().startswith("# Rendered by alive-switch")
     assert not (unit_dir / "rh-prod-takeover.service").exists()
     assert not (prod.sandbox.state_dir / "rh-prod/takeover/intent.json").exists()
+    assert prod.status_json()["takeover"] is None
     assert prod.sandbox.systemctl("is-enabled", "rh-prod.socket").stdout.strip() == "enabled"
     # Back to the seed's situation for the next test: a legacy unit serving the port.
     prod.ok("uninstall", "prod", "--purge")

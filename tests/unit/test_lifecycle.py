@@ -534,3 +534,10 @@ def test_the_takeover_run_again_undoes_the_killed_one_first(
     assert result.legacy == "replaced" and d.load_state().active == Color.blue
     backup = json.loads((d.env_dir / "takeover/legacy.json").read_text())
     assert backup["was_enabled"] is True
+
+
+def test_status_names_an_unfinished_takeover() -> None:
+    info = {**env_info("prod", "blue"), "takeover": "legacy.service"}
+    note = status.render_overview([info])[-1]
+    assert note.startswith("note: lc-prod: a takeover of legacy.service did not finish")
+    assert "the next deploy, rollback or install" in note
