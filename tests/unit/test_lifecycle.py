@@ -498,15 +498,21 @@ def test_a_later_command_completes_a_takeover_killed_after_its_cut_over(
     assert record["outcome"] == "ok" and "completed by a later command" in record["warnings"][0]
 
 
-@pytest.mark.usefixtures("health_servers", "no_host_checks")
-def test_a_later_command_undoes_a_takeover_killed_before_its_cut_over(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
+def killed_before_the_cut_over(d: Deployer, unit_dir: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A takeover of legacy.service whose CLI died after its commit, before the cut-over."""
     with monkeypatch.context() as m:
         m.setattr(Takeover, "_cut_over", die)
         m.setattr(Takeover, "_restore", lambda *_a: None)
         with pytest.raises(SystemExit):
             Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+
+
+@pytest.mark.usefixtures("health_servers", "no_host_checks")
+def test_a_later_command_undoes_a_takeover_killed_before_its_cut_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
+    killed_before_the_cut_over(d, unit_dir, monkeypatch)
     assert d.load_state().active == Color.blue, "committed before the cut-over"
     assert not sd.units["legacy.service"].enabled
     with pytest.raises(AbortedError, match="interrupted takeover was undone"):
@@ -523,11 +529,7 @@ def test_a_later_command_undoes_a_takeover_killed_before_its_cut_over(
 def test_the_takeover_run_again_undoes_the_killed_one_first(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d, sd, unit_dir = takeover_world(tmp_path, "legacy.service")
-    with monkeypatch.context() as m:
-        m.setattr(Takeover, "_cut_over", die)
-        m.setattr(Takeover, "_restore", lambda *_a: None)
-        with pytest.raises(SystemExit):
-            Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
+    killed_before_the_cut_over(d, unit_dir, monkeypatch)
     assert not sd.units["legacy.service"].enabled, "the killed run had disabled it"
     result = Takeover(d, unit_dir).run("legacy.service", "b1", dry_run=False)
     assert result.plan.legacy.enabled, "read after the undo: it was enabled before all this"
