@@ -282,7 +282,7 @@ class Deployer:
     def begin(self) -> tuple[State, dict[Color, str | None]]:
         """Router running, then reconcile state.json with what the router serves. Returns
         the state and the build each color runs."""
-        if (self.env_dir / "takeover" / "intent.json").exists():
+        if (self.env_dir / state.TAKEOVER_INTENT).exists():
             self._resume_takeover()
         active = self.active_states()
         router_unit = self.names["router"]

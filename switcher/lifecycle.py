@@ -75,7 +75,7 @@ def uninstall(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, pur
         record = {"time": round(time.time(), 3), "env": env.name, "kind": "uninstall",
                   "outcome": "ok", "purge": purge}
         if purge and env_dir.exists():
-            backup = ", the takeover backup" if (env_dir / "takeover").exists() else ""
+            backup = ", the takeover backup" if (env_dir / state.TAKEOVER).exists() else ""
             shutil.rmtree(env_dir)
             done.append(f"removed {env_dir} (state, history, color links{backup})")
         elif env_dir.exists():

@@ -5,6 +5,8 @@
 - ``router.json``: the router's settings, written by ``install``.
 - ``blue``/``green``: symlinks to the build each color runs (its WorkingDirectory).
 - ``blue.env``/``green.env``: per-color environment for the unit (PORT, HOST, BUILD).
+- ``takeover/``: the legacy unit's backup, and ``takeover/intent.json`` while a takeover
+  runs (see :mod:`switcher.takeover`).
 
 Every write goes temp file → fsync → rename → fsync of the directory, so a crash leaves
 either the old or the new file, never a torn one.
@@ -24,6 +26,8 @@ STATE = "state.json"
 STATE_PREV = "state.json.prev"
 HISTORY = "history.jsonl"
 ROUTER_SETTINGS = "router.json"
+TAKEOVER = "takeover"  # the legacy unit's backup
+TAKEOVER_INTENT = f"{TAKEOVER}/intent.json"  # a takeover between its backup and its end
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

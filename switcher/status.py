@@ -80,7 +80,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
 def _unfinished_takeover(env_dir: Path) -> str | None:
     """The legacy unit of a takeover whose CLI died before its end, if any."""
     try:
-        return str(json.loads((env_dir / "takeover" / "intent.json").read_text())["unit"])
+        return str(json.loads((env_dir / state.TAKEOVER_INTENT).read_text())["unit"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -74,7 +74,6 @@ __all__ = ["Resumed", "Takeover", "intent_path", "port_free", "resume"]
 TEST_FAIL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_FAIL"
 TEST_KILL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_KILL"
 PROBE_EVERY = 0.002  # seconds between connection attempts while measuring the gap
-INTENT = "intent.json"  # in the backup directory: a takeover between its commit and its end
 # The cut-over gives up (and starts UNIT again) when the port is still held this long after
 # the stop; systemd itself SIGKILLs UNIT after its TimeoutStopSec (90 s by default).
 CUTOVER_TIMEOUT = 300.0
@@ -156,7 +155,7 @@ class Plan:
                          f"{sock} is not active, no color is live"),
             (Step.backup, f"back up {self.legacy.fragment or unit + ' (no file)'}"
                           + (" and its drop-ins" if self.legacy.dropins else "")
-                          + f" to {self.backup_dir}/; {INTENT} there until the end"),
+                          + f" to {self.backup_dir}/; intent.json there until the end"),
             (Step.write_units, f"write the units{stand_in}, daemon-reload, router settings"),
             (Step.start_blue, f"point blue at {self.build}, start {self.blue} on its own port "
                               f"while {unit} serves"),
@@ -196,11 +195,11 @@ def make_plan(d: Deployer, legacy: Legacy, build: str) -> Plan:
 
 
 def backup_dir(d: Deployer) -> Path:
-    return d.env_dir / "takeover"
+    return d.env_dir / state.TAKEOVER
 
 
 def intent_path(d: Deployer) -> Path:
-    return backup_dir(d) / INTENT
+    return d.env_dir / state.TAKEOVER_INTENT
 
 
 # ---------------------------------------------------------------- a takeover whose CLI died
