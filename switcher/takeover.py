@@ -185,7 +185,8 @@ class Plan:
                  f"({self.build}):"]
         lines += [f"  {n:>2}. {text}" for n, (_, text) in enumerate(self.steps(), 1)]
         lines.append(f"  a failure before the stop changes nothing; after it, {self.legacy.unit}"
-                     " is restored (re-enabled and started)")
+                     " is restored (re-enabled and started); if this command is killed, the "
+                     "next deploy, rollback or install finishes or undoes the takeover")
         return lines
 
 
@@ -210,8 +211,8 @@ class Resumed(enum.Enum):
 
 
 def resume(d: Deployer) -> Resumed:
-    """Finish or undo a takeover that ended between its commit and its end (the intent file
-    exists). The caller holds the lock."""
+    """Finish or undo a takeover whose CLI died between its backup and its end (the intent
+    file exists). The caller holds the lock."""
     info = json.loads(intent_path(d).read_text())
     legacy = Legacy(info["unit"], bool(info["active"]), bool(info["enabled"]),
                     str(info["fragment"]), tuple(info["dropins"]))
