@@ -136,6 +136,31 @@ class Router:
     notify_sock: socket.socket
     messages: list[str] = field(default_factory=list)
 
+    @classmethod
+    def spawn(cls, tmp: Path, port: int, ports: dict[Color, int], backlog: int,
+              env: dict[str, str] | None = None) -> Router:
+        """Run the router on a listener passed as systemd passes it, with NOTIFY_SOCKET."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(backlog)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp / "notify"))
+        with (tmp / "stderr").open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
+                 str(tmp / "state" / "app-test")],
+                pass_fds=[listener.fileno()], stderr=stderr,
+                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
+        return cls(tmp, port, ports, listener, proc, notify)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.listener.close()
+        self.notify_sock.close()
+
     @property
     def env_dir(self) -> Path:
         return self.tmp / "state" / "app-test"
@@ -201,29 +226,13 @@ def launch(tmp: Path) -> Iterator[Callable[..., Router]]:
             write_settings(env_dir, tmp, ports, **overrides)
         if state is not None:
             files.save_state(env_dir, state)
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(8)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(tmp / "notify"))
-        with (tmp / "stderr").open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
-                 str(env_dir)],
-                pass_fds=[listener.fileno()], stderr=stderr,
-                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
-        router = Router(tmp, port, ports, listener, proc, notify)
+        router = Router.spawn(tmp, port, ports, backlog=8, env=env)
         routers.append(router)
         return router
 
     yield start
     for router in routers:
-        if router.proc.poll() is None:
-            router.proc.kill()
-        router.proc.wait()
-        router.listener.close()
-        router.notify_sock.close()
+        router.close()
     for router in routers:  # asyncio reports exceptions in callbacks on stderr
         assert "Traceback" not in router.stderr()
         assert "Exception in" not in router.stderr()

@@ -15,8 +15,6 @@ import itertools
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +28,7 @@ from switcher import state as files
 from switcher.model import Color, Fallback, State
 from switcher.router import http
 from tests.ports import port_block
-from tests.unit.test_router import LAUNCH, ROUTER, Router, blue_live, wait_for, write_settings
+from tests.unit.test_router import Router, blue_live, wait_for, write_settings
 
 _ports = itertools.cycle(port_block(__name__, 60))
 
@@ -272,30 +270,14 @@ def router(tmp: Path, colors: dict[Color, Color_]) -> Iterator[Callable[..., Rou
         files.save_state(env_dir, state or blue_live())
         for color in run:
             colors[color] = Color_(color.value, ports[color])
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(64)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(tmp / "notify"))
-        with (tmp / "stderr").open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
-                 str(env_dir)],
-                pass_fds=[listener.fileno()], stderr=stderr,
-                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
-        r = Router(tmp, port, ports, listener, proc, notify)
+        r = Router.spawn(tmp, port, ports, backlog=64)
         routers.append(r)
         r.notified(lambda m: "READY=1" in m)
         return r
 
     yield start
     for r in routers:
-        if r.proc.poll() is None:
-            r.proc.kill()
-        r.proc.wait()
-        r.listener.close()
-        r.notify_sock.close()
+        r.close()
     for r in routers:
         assert "Traceback" not in r.stderr(), r.stderr()
         assert "Exception in" not in r.stderr(), r.stderr()
