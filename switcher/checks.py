@@ -24,7 +24,7 @@ from pathlib import Path
 from switcher import health
 from switcher.config import Environment
 from switcher.model import Color, color_unit, unit_names
-from switcher.systemd import Systemd, UnitProps
+from switcher.systemd import Systemd, UnitProps, unit_of_pid
 
 FACTS = ("LoadState", "ActiveState", "UnitFileState", "Listen", "Result")
 
@@ -112,7 +112,7 @@ def socket_held(s: Subject) -> Check:
 def idle_port_free(s: Subject) -> Check:
     port = s.env.port(s.target)
     listeners = _listeners(port)
-    foreign = [pid for pid in listeners if not _in_unit(pid, s.unit(s.target))]
+    foreign = [pid for pid in listeners if unit_of_pid(pid) != s.unit(s.target)]
     if foreign:
         return Check("port", Level.failed, f"{s.target}'s port {port} is held by "
                      f"{_describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
@@ -215,17 +215,6 @@ def _listening_sockets(port: int) -> dict[int, set[int]]:
 def _listeners(port: int) -> list[int]:
     """PIDs holding a socket that listens on ``port``."""
     return sorted({pid for pids in _listening_sockets(port).values() for pid in pids})
-
-
-def _in_unit(pid: int, unit: str) -> bool:
-    """Whether ``pid`` runs in ``unit``'s cgroup (the color's own process or a child)."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as cgroups:
-            # "0::/system.slice/alive-production@blue.service" (one line per hierarchy)
-            return any(f"/{unit}/" in line.rstrip("\n").split(":", 2)[-1] + "/"
-                       for line in cgroups)
-    except OSError:
-        return False
 
 
 def _available_bytes() -> int:

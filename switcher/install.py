@@ -23,7 +23,7 @@ from switcher.config import Config, Environment
 from switcher.errors import UsageError
 from switcher.model import RUN_DIR, Color, Mode, RouterSettings, control_socket
 from switcher.render import color_unit
-from switcher.systemd import Systemd
+from switcher.systemd import Systemd, unit_of_pid
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 Say = Callable[[str], None]
@@ -255,20 +255,6 @@ def _holder(pid: int | None) -> Holder:
     except psutil.Error:
         command = "?"
     return Holder(pid, unit_of_pid(pid), command)
-
-
-def unit_of_pid(pid: int) -> str:
-    """The unit whose cgroup holds ``pid`` (``foo.service``), from /proc/PID/cgroup."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        path = line.split(":", 2)[-1]
-        units = re.findall(r"[^/]+\.(?:service|scope|socket)(?=/|$)", path)
-        if units and (line.startswith("0::") or "name=systemd" in line):
-            return str(units[-1])
-    return ""
 
 
 def _check_port_free(env: Environment, socket_unit: str) -> None:
