@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -76,6 +77,20 @@ EXAMPLES = {
 }
 
 
+# The commands that take the environment's lock, and so take --wait.
+LOCKING = ("install", "deploy", "rollback", "retire", "repair", "uninstall", "prune")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alive-switch", epilog=FIRST_STEPS + EPILOG,
@@ -94,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="environment name from the config"
                        + (" (default: every environment)" if env_optional else ""))
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if name in LOCKING:
+            p.add_argument("--wait", type=_seconds, default=None, metavar="SECONDS",
+                           help="if another command holds the environment's lock, queue "
+                           "behind it for at most SECONDS, then exit 4 (default: exit 4 at "
+                           "once; a retire always waits; any command waits for a retire)")
         return p
 
     p = command("install", "render and install the units, start the socket and the router")
@@ -258,7 +278,7 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
                         say=_say)
         return 0
     # Exclusive with deploys: a router reload or --rebind must not land mid-switch.
-    d = _deployer(cfg, env)
+    d = _deployer(cfg, env, lock_wait=args.wait)
     with d.lock(f"install {env.name}" + (" --rebind" if args.rebind else "")):
         _resume_takeover(d)
         install.install(cfg, env, Systemctl(), unit_dir, rebind=args.rebind, dry_run=False,
@@ -287,7 +307,8 @@ def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namesp
         raise UsageError("--takeover and --rebind do not go together",
                          "a takeover binds the socket for the first time: drop --rebind")
     unit, build = args.takeover[0], (args.takeover[1:] or [None])[0]
-    Takeover(_deployer(cfg, env), unit_dir).run(unit, build, dry_run=args.dry_run)
+    Takeover(_deployer(cfg, env, lock_wait=args.wait), unit_dir).run(unit, build,
+                                                                      dry_run=args.dry_run)
     return 0
 
 
@@ -301,13 +322,14 @@ def _lifecycle(cfg: config.Config, env: config.Environment, args: argparse.Names
                                       follow=args.follow, lines=args.lines)
         sys.stdout.flush()
         os.execvp(argv[0], argv)  # noqa: S606 - journalctl, found on PATH like systemctl
-    d = _deployer(cfg, env)
+    d = _deployer(cfg, env, lock_wait=args.wait)
     if args.command == "uninstall":
         lifecycle.uninstall(cfg, env, d.sd, Path(args.unit_dir or install.DEFAULT_UNIT_DIR),
                             purge=args.purge, lock=d.lock(f"uninstall {env.name}"), say=_say)
         return 0
     lifecycle.prune(cfg, env, args.keep, dry_run=args.dry_run,
-                    lock_for=lambda e, what: _deployer(cfg, e).lock(what), say=_say)
+                    lock_for=lambda e, what: _deployer(cfg, e, lock_wait=args.wait).lock(what),
+                    say=_say)
     return 0
 
 
@@ -327,7 +349,7 @@ def _status_all(cfg: config.Config, *, as_json: bool) -> int:
 
 
 def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
-              progress: Progress | None = None) -> Deployer:
+              progress: Progress | None = None, lock_wait: float | None = None) -> Deployer:
     from switcher.deploy import Deployer  # noqa: PLC0415
     from switcher.model import control_socket, unit_names  # noqa: PLC0415
     from switcher.routerctl import ControlSocket  # noqa: PLC0415
@@ -335,7 +357,8 @@ def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
 
     router = ControlSocket(control_socket(cfg.unit_prefix(env)),
                            unit_names(cfg.app, env.name)["router"])
-    return Deployer(cfg, env, Systemctl(), router, say=say, progress=progress)
+    return Deployer(cfg, env, Systemctl(), router, say=say, progress=progress,
+                    lock_wait=lock_wait)
 
 
 def _status(cfg: config.Config, env_name: str | None, *, as_json: bool) -> int:
@@ -376,7 +399,8 @@ def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespac
 
     # A live line on a terminal, plain lines otherwise; with --json, JSON events only.
     report = progress.for_stream(sys.stdout, as_json=getattr(args, "json", False))
-    d = _deployer(cfg, env, say=report.say, progress=report)
+    d = _deployer(cfg, env, say=report.say, progress=report,
+                  lock_wait=getattr(args, "wait", None))
     if args.command in ("deploy", "rollback"):
         try:
             outcome = (d.deploy(args.build, force=args.force, dry_run=args.dry_run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from switcher.errors import (
     SwitchError,
     UsageError,
 )
+from switcher.lock import Lock
 from switcher.model import (
     RUN_DIR,
     Color,
@@ -47,6 +49,9 @@ from switcher.systemd import Systemd
 
 STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"
 RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback window closes
+# A retire holding the lock stops one color: systemd gives it stop_timeout, then SIGKILL; the
+# margin covers that kill, the CLI's own start and its state write.
+RETIRE_LOCK_MARGIN = 10.0
 SWITCH_BACK = "switch-back"  # the deploy_id of a switch-back's intent
 HOOK_TAIL = 20  # lines of a hook's output kept in history
 HOOK_IDENTIFIER = "alive-switch-hook"  # SYSLOG_IDENTIFIER of hook output in the journal
@@ -99,6 +104,14 @@ class HookRun:
                 "seconds": self.seconds, "output": self.tail}
 
 
+def stop_here(point: str) -> None:
+    """Test-only fault injection: with ``ALIVE_SWITCH_TEST_STOP_AT=<point>`` the CLI freezes
+    (SIGSTOP) there, so a test can SIGKILL it or let it go on (SIGCONT) at a chosen moment.
+    The points are the deploy phases and ``retire`` (a retire holding the lock)."""
+    if os.environ.get(STOP_AT_VAR) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class Phases:
     """Times each phase, reports it as it runs (``progress``: plain lines by default), and
     honours the fault-injection hook. ``limit`` is the phase's own bound, when it has one
@@ -114,9 +127,7 @@ class Phases:
     def __call__(self, phase: Phase, label: str = "", limit: float | None = None
                  ) -> Iterator[None]:
         self.current = phase
-        if os.environ.get(STOP_AT_VAR) == phase.value:
-            # Test-only fault injection: freeze here so a test can SIGKILL us mid-phase.
-            os.kill(os.getpid(), signal.SIGSTOP)
+        stop_here(phase.value)
         self.progress.begin(phase.value, limit)
         began = time.monotonic()
         ok = False
@@ -142,9 +153,10 @@ class _SayProgress(Plain):
 class Deployer:
     def __init__(self, cfg: Config, env: Environment, sd: Systemd, router: Router, *,
                  say: Say, clock: Clock | None = None, run_dir: Path = Path(RUN_DIR),
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, lock_wait: float | None = None) -> None:
         self.cfg, self.env, self.sd, self.router, self.say = cfg, env, sd, router, say
         self.progress = progress
+        self.lock_wait = lock_wait  # --wait; None: the command's own (see lock_wait_for)
         self.clock = clock or Clock()
         self.run_dir = run_dir
         self.prefix = cfg.unit_prefix(env)
@@ -159,8 +171,12 @@ class Deployer:
     def timer(self, color: Color) -> str:
         return f"{self.prefix}-retire-{color.value}"
 
-    def lock(self, command: str) -> state.Lock:
-        return state.Lock(self.run_dir / f"{self.prefix}.lock", command)
+    def lock(self, command: str) -> Lock:
+        """The environment's lock for ``command``; see :mod:`switcher.lock` for who waits."""
+        lock = Lock(self.run_dir / f"{self.prefix}.lock", command, say=self.say,
+                    retire_wait=self.env.unit.stop_timeout + RETIRE_LOCK_MARGIN)
+        lock.wait = lock_wait_for(lock, self.lock_wait)
+        return lock
 
     def load_state(self) -> State:
         try:
@@ -241,6 +257,7 @@ class Deployer:
 
     def retire(self, color: Color) -> Outcome:
         with self.lock(f"retire {self.env.name} {color.value}"):
+            stop_here("retire")
             current = self.load_state()
             now = self.clock.now()
             reason = _why_not_retire(current, color, now)
@@ -657,6 +674,15 @@ class Deployer:
         with contextlib.suppress(OSError):
             state.append_history(self.env_dir, record)
         audit.send(self.cfg.app, record)
+
+
+def lock_wait_for(lock: Lock, asked: float | None) -> float:
+    """``--wait`` when given; else a retire waits as long as its holder holds (a standby
+    timer must neither fail nor give up: its color would stay up with no timer) and every
+    other command is refused at once."""
+    if asked is not None:
+        return asked
+    return math.inf if lock.is_retire else 0.0
 
 
 def _why_not_retire(current: State, color: Color, now: float) -> str:

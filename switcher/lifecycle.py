@@ -24,13 +24,14 @@ from switcher import audit, state
 from switcher.builds import natural_key
 from switcher.config import Config, Environment
 from switcher.errors import NeedsRepairError, UsageError
+from switcher.lock import Lock
 from switcher.model import Color, State
 from switcher.render import DROPIN, color_unit, takeover_router, unit_names
 from switcher.systemd import Systemd
 
 RENDERED_HEADER = "# Rendered by alive-switch"
 Say = Callable[[str], None]
-LockFor = Callable[[Environment, str], state.Lock]
+LockFor = Callable[[Environment, str], Lock]
 
 
 # ---------------------------------------------------------------- uninstall
@@ -44,7 +45,7 @@ def unit_files(cfg: Config, env: Environment) -> list[str]:
 
 
 def uninstall(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, purge: bool,
-              lock: state.Lock, say: Say) -> list[str]:
+              lock: Lock, say: Say) -> list[str]:
     """Stop, disable and remove the environment's units; returns what it did."""
     names = unit_names(cfg.app, env.name)
     prefix = cfg.unit_prefix(env)
@@ -239,7 +240,7 @@ def _same_dir(a: str, b: str) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(locks: list[state.Lock]) -> Iterator[None]:
+def _locked(locks: list[Lock]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for lock in locks:
             stack.enter_context(lock)

@@ -20,6 +20,7 @@ from switcher import checks, config, install, lifecycle, render, state, status, 
 from switcher.deploy import Deployer
 from switcher.errors import AbortedError, NeedsRepairError, UsageError
 from switcher.lifecycle import BuildDir, protected_builds, select_prunable
+from switcher.lock import Lock
 from switcher.model import Color, Pending, Phase, State
 from switcher.routerctl import FakeRouter
 from switcher.systemd import FakeSystemd
@@ -206,7 +207,7 @@ path = "/h"
                                                                  Color.green: None}))
     said: list[str] = []
     result = lifecycle.prune(cfg, cfg.env["prod"], 1, dry_run=False, say=said.append,
-                             lock_for=lambda e, what: state.Lock(tmp_path / f"{e.name}.lock",
+                             lock_for=lambda e, what: Lock(tmp_path / f"{e.name}.lock",
                                                                  what))
     assert sorted(p.name for p in builds.iterdir()) == ["b1", "b5", "current"]
     assert [name for name, _ in result.removed] == ["b2", "b3", "b4"]
@@ -218,7 +219,7 @@ path = "/h"
 def test_prune_dry_run_removes_nothing_and_refuses_unreadable_state(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     env = cfg.env["prod"]
-    lock_for = lambda e, what: state.Lock(tmp_path / "l.lock", what)  # noqa: E731
+    lock_for = lambda e, what: Lock(tmp_path / "l.lock", what)  # noqa: E731
     said: list[str] = []
     result = lifecycle.prune(cfg, env, 0, dry_run=True, say=said.append, lock_for=lock_for)
     assert {name for name, _ in result.removed} == {"b1", "b2"}
@@ -246,7 +247,7 @@ def test_uninstall_removes_only_its_own_files_and_units(tmp_path: Path) -> None:
     cfg.env_dir(env).mkdir(parents=True)
     said: list[str] = []
     lifecycle.uninstall(cfg, env, sd, unit_dir, purge=False, say=said.append,
-                        lock=state.Lock(tmp_path / "l.lock", "uninstall"))
+                        lock=Lock(tmp_path / "l.lock", "uninstall"))
     stops = [unit for call, unit in sd.calls if call == "stop"]
     assert stops[0] == "lc-prod.socket", "the socket stops first"
     assert not any(sd.units[u].enabled for u in sd.units)
@@ -256,7 +257,7 @@ def test_uninstall_removes_only_its_own_files_and_units(tmp_path: Path) -> None:
     assert ("cancel", "lc-prod-retire-blue") in sd.calls
     assert state.read_history(cfg.env_dir(env))[-1]["kind"] == "uninstall"
     lifecycle.uninstall(cfg, env, sd, unit_dir, purge=True, say=said.append,
-                        lock=state.Lock(tmp_path / "l.lock", "uninstall"))
+                        lock=Lock(tmp_path / "l.lock", "uninstall"))
     assert not cfg.env_dir(env).exists()
 
 
