@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+import psutil
 
 from tests.system.sandbox import Sandbox
 
@@ -143,6 +146,43 @@ class Env:
 
     def status_json(self) -> dict[str, Any]:
         return json.loads(self.ok("status", self.env, "--json"))
+
+
+STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"  # the CLI's fault injection (switcher/deploy.py)
+
+
+def cli_pid(proc: subprocess.Popen[str]) -> int:
+    """The host PID of the alive-switch process nsenter started inside the sandbox."""
+    children = wait_for("cli process", lambda: psutil.Process(proc.pid).children())
+    return children[0].pid
+
+
+def stopped(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+def frozen_at(env: Env, phase: str, *args: str, stdout: Any = subprocess.PIPE,
+              ) -> tuple[subprocess.Popen[str], int]:
+    """Start the CLI with ``args``; return once it has stopped itself entering ``phase``."""
+    proc = env.sandbox.popen(
+        CLI, "--config", env.config, *args, cwd=env.home,
+        env={STOP_AT_VAR: phase}, stdout=stdout, stderr=subprocess.PIPE)
+    pid = cli_pid(proc)
+    wait_for(f"stopped at {phase}", lambda: stopped(pid), timeout=30)
+    return proc, pid
+
+
+def thaw(proc: subprocess.Popen[str], pid: int) -> None:
+    """Let a frozen CLI go on. nsenter stopped itself when its child stopped (job-control
+    propagation): wake both, the child first."""
+    os.kill(pid, signal.SIGCONT)
+    os.kill(proc.pid, signal.SIGCONT)
+
+
+def kill_frozen(proc: subprocess.Popen[str], pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGCONT)  # so that nsenter sees its child's death and exits
+    proc.communicate(timeout=10)
 
 
 def get(port: int, path: str = "/", timeout: float = 3) -> tuple[int, dict[str, Any]]:

@@ -6,19 +6,26 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.load import Load
 from tests.ports import port_block
-from tests.system.harness import APP, CLI, ENV_BODY, ROOT, Env, build_on, listening, wait_for
+from tests.system.harness import (
+    APP,
+    ENV_BODY,
+    ROOT,
+    Env,
+    build_on,
+    frozen_at,
+    kill_frozen,
+    listening,
+    wait_for,
+)
 from tests.system.sandbox import Sandbox
 
 pytestmark = pytest.mark.system
@@ -203,31 +210,6 @@ def test_bad_input_changes_nothing(env: Env, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- 5. one at a time
 
-def cli_pid(proc: subprocess.Popen[str]) -> int:
-    """The host PID of the alive-switch process nsenter started inside the sandbox."""
-    children = wait_for("cli process", lambda: psutil.Process(proc.pid).children())
-    return children[0].pid
-
-
-def frozen_at(env: Env, phase: str, *args: str) -> tuple[subprocess.Popen[str], int]:
-    proc = env.sandbox.popen(
-        CLI, "--config", env.config, *args, cwd=env.home,
-        env={"ALIVE_SWITCH_TEST_STOP_AT": phase}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
-    pid = cli_pid(proc)
-    wait_for(f"stopped at {phase}", lambda: psutil.Process(pid).status() == "stopped",
-             timeout=30)
-    return proc, pid
-
-
-def kill_frozen(proc: subprocess.Popen[str], pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    # nsenter stops itself when its child stops (job-control propagation): wake it so it
-    # sees the child's death and exits.
-    os.kill(proc.pid, signal.SIGCONT)
-    proc.communicate(timeout=10)
-
-
 def test_one_deploy_at_a_time(env: Env) -> None:
     env.ok("install", "stage")
     proc, pid = frozen_at(env, "health", "deploy", "prod", other_good(env))
@@ -237,7 +219,8 @@ def test_one_deploy_at_a_time(env: Env) -> None:
         assert "deploy prod" in done.stderr
         assert "pid" in done.stderr
         assert env.cli("rollback", "prod").returncode == 4
-        assert env.cli("retire", "prod", "blue").returncode == 4
+        # A retire waits for a deploy by default (its timer must not give up).
+        assert env.cli("retire", "prod", "blue", "--wait", "0").returncode == 4
         assert env.cli("install", "prod").returncode == 4
         env.ok("deploy", "stage", "good1")  # another environment deploys meanwhile
         env.sandbox.systemctl("restart", f"{env.prefix}.service", check=True)
