@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.ports import port_block
-from tests.system.harness import Env, build_on
+from tests.system.harness import Env, build_on, wait_for
 from tests.system.sandbox import Sandbox
 from tests.unit.test_router_http import HOSTILE, Client
 
@@ -217,6 +217,22 @@ def start_wrk(connections: int = 8) -> subprocess.Popen[str]:
                              f"http://127.0.0.1:{LISTEN}/"], stdout=subprocess.PIPE, text=True)
 
 
+def router_total(env: Env) -> int | None:
+    """What the router has forwarded so far (connections or requests; None while its
+    control socket is not up, e.g. just after a restart)."""
+    done = env.sandbox.run(sys.executable, "-c", ASK_ROUTER,
+                           f"/run/alive-switch/{env.prefix}/control.sock")
+    return sum(json.loads(done.stdout)["total"].values()) if done.returncode == 0 else None
+
+
+def wrk_flowing(env: Env, since: int, connections: int = 8) -> None:
+    """Wait until the router has forwarded ``connections`` more (each of wrk's connections
+    has reached a color, in either mode), instead of sleeping and hoping."""
+    wait_for("wrk's connections through the router",
+             lambda: (total := router_total(env)) is not None and total >= since + connections,
+             timeout=15)
+
+
 def stop_wrk(proc: subprocess.Popen[str]) -> dict[str, float]:
     """SIGINT makes wrk stop and print its summary; parse it."""
     proc.send_signal(signal.SIGINT)
@@ -295,14 +311,15 @@ def test_router_restarts_under_keep_alive_load_fail_nothing(env: Env) -> None:
     """A stopping router answers each busy connection's next request with Connection:
     close and closes the idle ones; the next router takes the reconnections."""
     router = f"{env.prefix}.service"
+    before = router_total(env) or 0
     wrk = start_wrk()
     try:
-        time.sleep(0.5)
+        wrk_flowing(env, before)
         for _ in range(3):
             pid = env.show(router, "MainPID")
             env.sandbox.systemctl("restart", router, check=True)
             assert env.show(router, "MainPID") != pid
-            time.sleep(0.5)
+            wrk_flowing(env, 0)  # the new router counts from zero
     finally:
         load = stop_wrk(wrk)
     print(f"\n3 router restarts under wrk (8 keep-alive connections): "
@@ -317,12 +334,17 @@ def test_negative_control_tcp_mode_pins_keep_alive_clients_to_the_old_color(env:
     and fail when that color's drain ends. The zero above could not be zero by accident."""
     configure(env, "tcp")
     env.ok("install", "prod")  # the router reloads: new connections are tcp
+    before = router_total(env) or 0
     wrk = start_wrk()
     try:
-        time.sleep(0.5)
+        wrk_flowing(env, before)
         for step in steps(env, 2):
             env.ok(*step)
-        time.sleep(DRAIN + 0.5)
+        # The old colors' drains end: the router closes what wrk still had on them.
+        live = env.status_json()["live"]
+        wait_for("the old colors' connections to close", lambda: all(
+            n == 0 for color, n in router_status(env)["inflight"].items() if color != live),
+            timeout=DRAIN + 10)
     finally:
         load = stop_wrk(wrk)
     print(f"\nnegative control (tcp mode, 2 deploys): {load['requests']:.0f} requests, "
