@@ -27,7 +27,7 @@ from tests.system.sandbox import Sandbox
 
 WATCH = 0.1  # seconds: `watch` in the benchmark's config (the smallest sensible)
 APP, ENV = "bench", "prod"
-STATUS_IMPORTS = "import switcher.cli, switcher.status, switcher.systemd, switcher.routerctl"
+STATUS_IMPORTS = "import switcher.cli, switcher.ops.status, switcher.systemd, switcher.routerctl"
 BEFORE_SWITCH = ("cancel_timer", "preflight", "start", "health", "pre_switch", "switching")
 
 

@@ -19,7 +19,7 @@ from switcher.errors import SwitchError, UsageError
 from switcher.model import Color
 
 if TYPE_CHECKING:
-    from switcher.deploy import Deployer
+    from switcher.ops.deploy import Deployer
     from switcher.progress import Progress
 
 EPILOG = """\
@@ -217,7 +217,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("install", "uninstall", "logs", "prune"):
         return _lifecycle(cfg, env, args)
     if args.command == "history":
-        from switcher import state, status  # noqa: PLC0415
+        from switcher import state  # noqa: PLC0415
+        from switcher.ops import status  # noqa: PLC0415
 
         for line in status.history_lines(state.read_history(cfg.env_dir(env))):
             print(line)
@@ -226,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _init(path: Path, args: argparse.Namespace) -> int:
-    from switcher import init  # noqa: PLC0415
+    from switcher.ops import init  # noqa: PLC0415
 
     req = init.Request(args.env, init.parse_listen(args.listen), init.parse_ports(args.ports),
                        args.exec, args.builds, args.health)
@@ -254,7 +255,8 @@ def _say(line: str) -> None:
 
 
 def _render(cfg: config.Config, env: config.Environment, out: str | None) -> int:
-    from switcher import install, render  # noqa: PLC0415
+    from switcher import render  # noqa: PLC0415
+    from switcher.ops import install  # noqa: PLC0415
 
     files = render.render(cfg, env)
     if out is None:
@@ -267,7 +269,7 @@ def _render(cfg: config.Config, env: config.Environment, out: str | None) -> int
 
 
 def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
-    from switcher import install  # noqa: PLC0415
+    from switcher.ops import install  # noqa: PLC0415
     from switcher.systemd import Systemctl  # noqa: PLC0415
 
     unit_dir = Path(args.unit_dir or install.DEFAULT_UNIT_DIR)
@@ -289,7 +291,7 @@ def _install(cfg: config.Config, env: config.Environment, args: argparse.Namespa
 def _resume_takeover(d: Deployer) -> None:
     """A takeover whose CLI died left the stand-in router and its socket: finish it (or
     undo it) before install rewrites those units."""
-    from switcher import takeover  # noqa: PLC0415
+    from switcher.ops.takeover import runner as takeover  # noqa: PLC0415
 
     if takeover.intent_path(d).exists():
         takeover.resume(d)
@@ -297,7 +299,7 @@ def _resume_takeover(d: Deployer) -> None:
 
 def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namespace,
               unit_dir: Path) -> int:
-    from switcher.takeover import Takeover  # noqa: PLC0415
+    from switcher.ops.takeover.runner import Takeover  # noqa: PLC0415
 
     if len(args.takeover) > 2:
         raise UsageError(f"--takeover takes UNIT and at most one BUILD, not "
@@ -313,7 +315,7 @@ def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namesp
 
 
 def _lifecycle(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
-    from switcher import install, lifecycle  # noqa: PLC0415
+    from switcher.ops import install, lifecycle  # noqa: PLC0415
 
     if args.command == "install":
         return _install(cfg, env, args)
@@ -334,7 +336,7 @@ def _lifecycle(cfg: config.Config, env: config.Environment, args: argparse.Names
 
 
 def _status_all(cfg: config.Config, *, as_json: bool) -> int:
-    from switcher import status  # noqa: PLC0415
+    from switcher.ops import status  # noqa: PLC0415
 
     infos = []
     for env in cfg.env.values():
@@ -350,8 +352,8 @@ def _status_all(cfg: config.Config, *, as_json: bool) -> int:
 
 def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
               progress: Progress | None = None, lock_wait: float | None = None) -> Deployer:
-    from switcher.deploy import Deployer  # noqa: PLC0415
     from switcher.model import control_socket, unit_names  # noqa: PLC0415
+    from switcher.ops.deploy import Deployer  # noqa: PLC0415
     from switcher.routerctl import ControlSocket  # noqa: PLC0415
     from switcher.systemd import Systemctl  # noqa: PLC0415
 
@@ -362,7 +364,7 @@ def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
 
 
 def _status(cfg: config.Config, env_name: str | None, *, as_json: bool) -> int:
-    from switcher import status  # noqa: PLC0415
+    from switcher.ops import status  # noqa: PLC0415
 
     if env_name is None:
         return _status_all(cfg, as_json=as_json)
@@ -378,7 +380,7 @@ def _status(cfg: config.Config, env_name: str | None, *, as_json: bool) -> int:
 
 
 def _check(d: Deployer, build_arg: str | None) -> int:
-    from switcher import builds, checks  # noqa: PLC0415
+    from switcher.ops import builds, checks  # noqa: PLC0415
 
     build = builds.resolve(d.env, build_arg)
     live = d.load_state().active
@@ -395,7 +397,8 @@ def _check(d: Deployer, build_arg: str | None) -> int:
 
 
 def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
-    from switcher import deploy, progress  # noqa: PLC0415
+    from switcher import progress  # noqa: PLC0415
+    from switcher.ops import deploy  # noqa: PLC0415
 
     # A live line on a terminal, plain lines otherwise; with --json, JSON events only.
     report = progress.for_stream(sys.stdout, as_json=getattr(args, "json", False))

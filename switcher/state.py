@@ -6,7 +6,7 @@
 - ``blue``/``green``: symlinks to the build each color runs (its WorkingDirectory).
 - ``blue.env``/``green.env``: per-color environment for the unit (PORT, HOST, BUILD).
 - ``takeover/``: the legacy unit's backup, and ``takeover/intent.json`` while a takeover
-  runs (see :mod:`switcher.takeover`).
+  runs (see :mod:`switcher.ops.takeover`).
 
 Every write goes temp file → fsync → rename → fsync of the directory, so a crash leaves
 either the old or the new file, never a torn one.

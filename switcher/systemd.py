@@ -218,7 +218,7 @@ class FakeSystemd:
     def start_transient(self, name: str, argv: list[str]) -> None:
         """Runs what a transient unit of alive-switch's would do: the takeover's cut-over."""
         self.calls.append(("start-transient", name))
-        if "switcher.cutover" not in argv:
+        if "switcher.ops.takeover.cutover" not in argv:
             raise SystemdError(f"FakeSystemd cannot run {argv}", _hint(name))
         legacy, socket_unit, _listen, _port, result = argv[-6:-1]
         self.stop(legacy)

@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from timeline import Marker, svg  # noqa: E402
 
-from switcher import init  # noqa: E402
+from switcher.ops import init  # noqa: E402
 from tests.load import CLASSES, Load, Request  # noqa: E402
 from tests.ports import port_block  # noqa: E402
 from tests.system.sandbox import STATE_DIR, Sandbox, SandboxError  # noqa: E402

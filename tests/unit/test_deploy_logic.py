@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from switcher import checks, config, state
-from switcher.deploy import Deployer
+from switcher import config, state
 from switcher.errors import AbortedError, LockHeldError, SwitchedBackError, UsageError
 from switcher.model import Color, Pending, Phase
+from switcher.ops import checks
+from switcher.ops.deploy import Deployer
 from switcher.routerctl import FakeRouter
 from switcher.systemd import FakeSystemd
 from tests.ports import port_block

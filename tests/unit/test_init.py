@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from switcher import config, init
+from switcher import config
 from switcher.errors import UsageError
+from switcher.ops import init
 
 CLI = [sys.executable, "-m", "switcher"]
 ROUTER = "/opt/alive-switch/bin/alive-switch-router"

@@ -16,15 +16,17 @@ from typing import Any
 
 import pytest
 
-from switcher import checks, config, install, lifecycle, render, state, status, takeover
-from switcher.deploy import Deployer
+from switcher import config, render, state
 from switcher.errors import AbortedError, NeedsRepairError, UsageError
-from switcher.lifecycle import BuildDir, protected_builds, select_prunable
 from switcher.lock import Lock
 from switcher.model import Color, Pending, Phase, State
+from switcher.ops import checks, install, lifecycle, status
+from switcher.ops.deploy import Deployer
+from switcher.ops.lifecycle import BuildDir, protected_builds, select_prunable
+from switcher.ops.takeover import runner as takeover
+from switcher.ops.takeover.runner import TEST_FAIL_VAR, Gap, Legacy, Plan, Step, Takeover, port_free
 from switcher.routerctl import FakeRouter
 from switcher.systemd import FakeSystemd
-from switcher.takeover import TEST_FAIL_VAR, Gap, Legacy, Plan, Step, Takeover, port_free
 from tests.ports import port_block
 
 LISTEN, BLUE, GREEN = port_block(__name__, 3)

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from switcher import progress
-from switcher.deploy import Phases
 from switcher.model import Phase
+from switcher.ops.deploy import Phases
 
 OUTCOME = {"kind": "deploy", "ok": True, "target": "green", "build": "b2",
            "message": "b2 is live on green", "phases": {"health": 0.5, "switching": 0.003},

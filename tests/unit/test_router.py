@@ -294,7 +294,7 @@ def test_imports_neither_the_cli_nor_jinja2_nor_httpx() -> None:
                                 timeout=10, check=True).stdout.split())
     assert "switcher.router.server" in loaded  # the check sees what the router imports
     for heavy in ("jinja2", "httpx", "argparse", "switcher.cli", "switcher.config",
-                  "switcher.render", "switcher.deploy"):
+                  "switcher.render", "switcher.ops.deploy"):
         assert heavy not in loaded
 
 

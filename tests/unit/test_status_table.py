@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from switcher import status
+from switcher.ops import status
 
 
 def info(**changes: Any) -> dict[str, Any]:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from switcher import audit, state
-from switcher.builds import natural_key
 from switcher.config import Config, Environment
 from switcher.errors import NeedsRepairError, UsageError
 from switcher.lock import Lock
 from switcher.model import Color, State
+from switcher.ops.builds import natural_key
 from switcher.render import DROPIN, color_unit, takeover_router, unit_names
 from switcher.systemd import Systemd
 

@@ -21,7 +21,7 @@ In order, and why each step is where it is::
       commit          state.json: blue live (whatever router starts then serves blue)
     the cut-over: the port refuses connections from the moment UNIT closes its listener until
     the socket unit binds (the gap, measured by connecting every 2 ms)
-      cut_over        PID 1 runs switcher.cutover as <prefix>-cutover.service: stop UNIT, start
+      cut_over        PID 1 runs takeover/cutover.py as <prefix>-cutover.service: stop UNIT, start
                       the socket as soon as the port is free (or start UNIT again). Not the
                       CLI: a CLI killed inside the gap would leave the port closed
       start_router    the router (or its stand-in); connections waited in the socket's backlog
@@ -62,11 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switcher import builds, checks, health, install, render, state
-from switcher.cutover import port_free
-from switcher.deploy import Deployer, _env_quote
+from switcher import health, render, state
 from switcher.errors import AbortedError, SwitchError, UsageError
 from switcher.model import Color
+from switcher.ops import builds, checks, install
+from switcher.ops.deploy import Deployer, _env_quote
+from switcher.ops.takeover.cutover import port_free
 from switcher.routerctl import serving
 
 __all__ = ["Resumed", "Takeover", "intent_path", "port_free", "resume"]
@@ -601,14 +602,14 @@ class Takeover:
         self.say(result.gap.line())
 
     def _run_cut_over(self, p: Plan) -> float:
-        """Have PID 1 stop UNIT and bind the socket (see switcher.cutover); seconds from the
-        stop to the bind."""
+        """Have PID 1 stop UNIT and bind the socket (see ops/takeover/cutover.py); seconds
+        from the stop to the bind."""
         name = f"{self.d.prefix}-cutover"
         outcome = p.backup_dir / "cutover.json"
         outcome.unlink(missing_ok=True)
         self.sd.cancel(name)  # a finished one of an earlier attempt still holds the name
         self.sd.start_transient(name, [
-            sys.executable, "-m", "switcher.cutover", p.legacy.unit, p.names["socket"],
+            sys.executable, "-m", "switcher.ops.takeover.cutover", p.legacy.unit, p.names["socket"],
             self.env.listen_address, str(self.env.listen_port), str(outcome),
             f"{CUTOVER_TIMEOUT:g}"])
         if os.environ.get(TEST_KILL_VAR) == Step.cut_over.value:

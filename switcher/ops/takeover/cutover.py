@@ -2,7 +2,7 @@
 
 ``install --takeover`` starts this module as a transient service (``systemd-run --wait``)::
 
-    python -m switcher.cutover LEGACY SOCKET LISTEN_ADDRESS PORT RESULT_FILE TIMEOUT
+    python -m switcher.ops.takeover.cutover LEGACY SOCKET LISTEN_ADDRESS PORT RESULT_FILE TIMEOUT
 
 It stops LEGACY in the background, binds SOCKET (``systemctl start``) the moment LEGACY has
 closed its listener (not when it has exited: it may drain for long), and writes

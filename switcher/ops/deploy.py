@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switcher import audit, builds, checks, health, plan, state
+from switcher import audit, health, plan, state
 from switcher.config import Config, Environment
 from switcher.errors import (
     AbortedError,
@@ -43,6 +43,7 @@ from switcher.model import (
     color_unit,
     unit_names,
 )
+from switcher.ops import builds, checks
 from switcher.progress import Plain, Progress
 from switcher.routerctl import Router, serving
 from switcher.systemd import Systemd
@@ -319,7 +320,7 @@ class Deployer:
         return fixed, self.running_builds()  # the reconcile may have stopped a color
 
     def _resume_takeover(self) -> None:
-        from switcher import takeover  # noqa: PLC0415 - takeover imports this module
+        from switcher.ops.takeover import runner as takeover  # noqa: PLC0415 - it imports this module
 
         if takeover.resume(self) is takeover.Resumed.undone:
             raise AbortedError(
