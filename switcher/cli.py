@@ -315,21 +315,21 @@ def _takeover(cfg: config.Config, env: config.Environment, args: argparse.Namesp
 
 
 def _lifecycle(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
-    from switcher.ops import install, lifecycle  # noqa: PLC0415
+    from switcher.ops import install, logs, prune, uninstall  # noqa: PLC0415
 
     if args.command == "install":
         return _install(cfg, env, args)
     if args.command == "logs":
-        argv = lifecycle.journal_argv(cfg, env, Color(args.color) if args.color else None,
+        argv = logs.journal_argv(cfg, env, Color(args.color) if args.color else None,
                                       follow=args.follow, lines=args.lines)
         sys.stdout.flush()
         os.execvp(argv[0], argv)  # noqa: S606 - journalctl, found on PATH like systemctl
     d = _deployer(cfg, env, lock_wait=args.wait)
     if args.command == "uninstall":
-        lifecycle.uninstall(cfg, env, d.sd, Path(args.unit_dir or install.DEFAULT_UNIT_DIR),
+        uninstall.uninstall(cfg, env, d.sd, Path(args.unit_dir or install.DEFAULT_UNIT_DIR),
                             purge=args.purge, lock=d.lock(f"uninstall {env.name}"), say=_say)
         return 0
-    lifecycle.prune(cfg, env, args.keep, dry_run=args.dry_run,
+    prune.prune(cfg, env, args.keep, dry_run=args.dry_run,
                     lock_for=lambda e, what: _deployer(cfg, e, lock_wait=args.wait).lock(what),
                     say=_say)
     return 0
@@ -352,13 +352,13 @@ def _status_all(cfg: config.Config, *, as_json: bool) -> int:
 
 def _deployer(cfg: config.Config, env: config.Environment, say: Any = _say,
               progress: Progress | None = None, lock_wait: float | None = None) -> Deployer:
-    from switcher.model import control_socket, unit_names  # noqa: PLC0415
+    from switcher.names import Names  # noqa: PLC0415
     from switcher.ops.deploy import Deployer  # noqa: PLC0415
     from switcher.routerctl import ControlSocket  # noqa: PLC0415
     from switcher.systemd import Systemctl  # noqa: PLC0415
 
-    router = ControlSocket(control_socket(cfg.unit_prefix(env)),
-                           unit_names(cfg.app, env.name)["router"])
+    names = Names(cfg.app, env.name)
+    router = ControlSocket(names.control_socket, names.router)
     return Deployer(cfg, env, Systemctl(), router, say=say, progress=progress,
                     lock_wait=lock_wait)
 
@@ -398,7 +398,7 @@ def _check(d: Deployer, build_arg: str | None) -> int:
 
 def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
     from switcher import progress  # noqa: PLC0415
-    from switcher.ops import deploy  # noqa: PLC0415
+    from switcher.ops import recovery  # noqa: PLC0415
 
     # A live line on a terminal, plain lines otherwise; with --json, JSON events only.
     report = progress.for_stream(sys.stdout, as_json=getattr(args, "json", False))
@@ -418,7 +418,7 @@ def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespac
     elif args.command == "check":
         return _check(d, args.build)
     elif args.command == "repair":
-        for line in deploy.repair(d):
+        for line in recovery.repair(d):
             print(line)
         return 0
     else:

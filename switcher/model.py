@@ -160,25 +160,6 @@ class State:
         )
 
 
-def unit_names(app: str, env: str) -> dict[str, str]:
-    """The units of an environment. Here, not in render: naming must not import Jinja2."""
-    prefix = f"{app}-{env}"
-    return {"socket": f"{prefix}.socket", "router": f"{prefix}.service",
-            "template": f"{prefix}@.service"}
-
-
-def color_unit(app: str, env: str, color: Color) -> str:
-    return f"{app}-{env}@{color.value}.service"
-
-
-# Locks and control sockets; not a RuntimeDirectory=, which systemd wipes when a unit restarts.
-RUN_DIR = "/run/alive-switch"
-
-
-def control_socket(prefix: str) -> str:
-    return f"{RUN_DIR}/{prefix}/control.sock"
-
-
 def _color(value: object) -> Color | None:
     return None if value is None else Color(str(value))
 

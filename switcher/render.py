@@ -21,26 +21,24 @@ from importlib import resources
 import jinja2
 
 from switcher.config import Config, Environment
-from switcher.model import Color, color_unit, unit_names
+from switcher.model import Color
+from switcher.names import Names
 
-__all__ = ["DROPIN", "color_unit", "render", "socket_section", "takeover_units", "unit_names"]
-
-DROPIN = "color.conf"
+__all__ = ["render", "socket_section", "takeover_units"]
 
 
 def render(cfg: Config, env: Environment) -> dict[str, str]:
-    names = unit_names(cfg.app, env.name)
+    names = Names(cfg.app, env.name)
     context = _context(cfg, env)
     jenv = _jinja()
     files = {
-        names["socket"]: jenv.get_template("socket.j2").render(context),
-        names["router"]: jenv.get_template("router.j2").render(context),
-        names["template"]: jenv.get_template("color.j2").render(context),
+        names.socket: jenv.get_template("socket.j2").render(context),
+        names.router: jenv.get_template("router.j2").render(context),
+        names.template: jenv.get_template("color.j2").render(context),
     }
     dropin = jenv.get_template("color-dropin.j2")
     for color in Color:
-        path = f"{color_unit(cfg.app, env.name, color)}.d/{DROPIN}"
-        files[path] = dropin.render(context, color=color)
+        files[names.dropin(color)] = dropin.render(context, color=color)
     return files
 
 
@@ -50,15 +48,12 @@ def takeover_units(cfg: Config, env: Environment) -> dict[str, str]:
     while its service is still active, and the legacy unit may drain for long after it has
     closed its listener), and that stand-in, which never starts at boot."""
     context = _context(cfg, env)
-    stand_in = takeover_router(cfg.unit_prefix(env))
+    names = Names(cfg.app, env.name)
+    stand_in = names.takeover_router
     jenv = _jinja()
-    return {unit_names(cfg.app, env.name)["socket"]:
+    return {names.socket:
             jenv.get_template("socket.j2").render(context, service=stand_in),
             stand_in: jenv.get_template("router.j2").render(context, takeover=True)}
-
-
-def takeover_router(prefix: str) -> str:
-    return f"{prefix}-takeover.service"
 
 
 def _context(cfg: Config, env: Environment) -> dict[str, object]:

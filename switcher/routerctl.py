@@ -3,7 +3,7 @@ behind a small interface so the deploy logic can be tested with a fake router.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from switcher.errors import SwitchError
@@ -66,25 +66,3 @@ class ControlSocket:
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self._request({"cmd": "fallback", "fallback": _fallback(fallback)}, CONTROL_TIMEOUT)
-
-
-@dataclass
-class FakeRouter:
-    """Records switches, for unit tests of the deploy logic."""
-
-    active: Color | None = None
-    fallback: Fallback | None = None
-    switches: list[Color] = field(default_factory=list)
-
-    def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
-        return {"ok": True, "serving": self.active.value if self.active else None,
-                "inflight": {"blue": 0, "green": 0}}
-
-    def switch(self, target: Color, fallback: Fallback | None,
-               drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
-        self.active, self.fallback = target, fallback
-        self.switches.append(target)
-        return {"ok": True, "serving": target.value}
-
-    def set_fallback(self, fallback: Fallback | None) -> None:
-        self.fallback = fallback

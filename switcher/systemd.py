@@ -6,10 +6,8 @@ Failures become :class:`SystemdError` naming the command, systemd's words and th
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -132,101 +130,3 @@ class Systemctl:
                        check=False)
         run(["systemd-run", "--quiet", f"--unit={name}", "--service-type=exec",
              "--property=RemainAfterExit=yes", *argv], name)
-
-
-@dataclass
-class FakeUnit:
-    active: str = "inactive"
-    sub: str = "dead"
-    main_pid: int = 0
-    invocation: str = ""
-    enabled: bool = False
-
-
-@dataclass
-class FakeSystemd:
-    """In-memory systemd for unit tests of the deploy logic; records every call."""
-
-    units: dict[str, FakeUnit] = field(default_factory=dict)
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    timers: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
-    fail_start: set[str] = field(default_factory=set)
-    _pid: int = 1000
-
-    def _unit(self, unit: str) -> FakeUnit:
-        return self.units.setdefault(unit, FakeUnit())
-
-    def daemon_reload(self) -> None:
-        self.calls.append(("daemon-reload", ""))
-
-    def start(self, unit: str) -> None:
-        self.calls.append(("start", unit))
-        if unit in self.fail_start:
-            self._unit(unit).active = "failed"
-            raise SystemdError(f"`systemctl start {unit}` failed", _hint(unit))
-        u = self._unit(unit)
-        if u.active != "active":
-            self._pid += 1
-            u.active, u.sub, u.main_pid, u.invocation = ("active", "running", self._pid,
-                                                         f"inv{self._pid}")
-
-    def stop(self, unit: str) -> None:
-        self.calls.append(("stop", unit))
-        u = self._unit(unit)
-        u.active, u.sub, u.main_pid = "inactive", "dead", 0
-
-    def restart(self, unit: str) -> None:
-        self.stop(unit)
-        self.start(unit)
-
-    def reload(self, unit: str) -> None:
-        self.calls.append(("reload", unit))
-
-    def reset_failed(self, unit: str) -> None:
-        self.calls.append(("reset-failed", unit))
-
-    def enable(self, unit: str) -> None:
-        self.calls.append(("enable", unit))
-        self._unit(unit).enabled = True
-
-    def disable(self, unit: str) -> None:
-        self.calls.append(("disable", unit))
-        self._unit(unit).enabled = False
-
-    def show(self, unit: str, *props: str) -> UnitProps:
-        u = self._unit(unit)
-        if unit.endswith(".timer"):  # a timer made by schedule() is active until cancelled
-            u.active = "active" if unit.removesuffix(".timer") in self.timers else "inactive"
-        every = {"ActiveState": u.active, "SubState": u.sub, "MainPID": str(u.main_pid),
-                 "InvocationID": u.invocation, "LoadState": "loaded",
-                 "UnitFileState": "enabled" if u.enabled else "disabled", "Result": "success"}
-        return {p: every.get(p, "") for p in props}
-
-    def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]:
-        return {unit: self.show(unit, *props) for unit in units}
-
-    def schedule(self, name: str, after: float, argv: list[str]) -> None:
-        self.calls.append(("schedule", name))
-        if name in self.timers:
-            raise SystemdError(f"unit {name}.timer already exists", _hint(name))
-        self.timers[name] = (after, argv)
-
-    def cancel(self, name: str) -> None:
-        self.calls.append(("cancel", name))
-        self.timers.pop(name, None)
-
-    def start_transient(self, name: str, argv: list[str]) -> None:
-        """Runs what a transient unit of alive-switch's would do: the takeover's cut-over."""
-        self.calls.append(("start-transient", name))
-        if "switcher.ops.takeover.cutover" not in argv:
-            raise SystemdError(f"FakeSystemd cannot run {argv}", _hint(name))
-        legacy, socket_unit, _listen, _port, result = argv[-6:-1]
-        self.stop(legacy)
-        try:
-            self.start(socket_unit)
-        except SystemdError as exc:
-            self.start(legacy)
-            outcome = {"ok": False, "error": exc.message}
-        else:
-            outcome = {"ok": True, "bind_after_ms": 1.0}
-        Path(result).write_text(json.dumps(outcome))

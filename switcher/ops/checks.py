@@ -23,7 +23,8 @@ from pathlib import Path
 
 from switcher import health
 from switcher.config import Environment
-from switcher.model import Color, color_unit, unit_names
+from switcher.model import Color
+from switcher.names import Names
 from switcher.systemd import Systemd, UnitProps, unit_of_pid
 
 FACTS = ("LoadState", "ActiveState", "UnitFileState", "Listen", "Result")
@@ -58,16 +59,19 @@ class Subject:
     _facts: dict[str, UnitProps] = field(default_factory=dict, repr=False, compare=False)
 
     def unit(self, color: Color) -> str:
-        return color_unit(self.app, self.env.name, color)
+        return Names(self.app, self.env.name).color(color)
 
     def props(self, unit: str) -> UnitProps:
         """The unit's properties, read for all of the environment's units in one call."""
         if not self._facts:
-            names = unit_names(self.app, self.env.name)
-            units = [names["socket"], names["router"], self.unit(Color.blue),
+            names = Names(self.app, self.env.name)
+            units = [names.socket, names.router, self.unit(Color.blue),
                      self.unit(Color.green)]
             self._facts.update(self.sd.show_many(units, *FACTS))
         return self._facts.get(unit) or self.sd.show(unit, *FACTS)
+
+
+CheckFn = Callable[[Subject], Check]
 
 
 def run_all(subject: Subject) -> list[Check]:
@@ -79,8 +83,8 @@ def failures(checks: list[Check]) -> list[Check]:
 
 
 def units_loaded(s: Subject) -> Check:
-    names = unit_names(s.app, s.env.name)
-    wanted = [names["socket"], names["router"], s.unit(Color.blue), s.unit(Color.green)]
+    names = Names(s.app, s.env.name)
+    wanted = [names.socket, names.router, s.unit(Color.blue), s.unit(Color.green)]
     missing = [u for u in wanted if s.props(u)["LoadState"] != "loaded"]
     if missing:
         return Check("units", Level.failed, f"not loaded: {', '.join(missing)}; run "
@@ -89,7 +93,7 @@ def units_loaded(s: Subject) -> Check:
 
 
 def socket_held(s: Subject) -> Check:
-    unit = unit_names(s.app, s.env.name)["socket"]
+    unit = Names(s.app, s.env.name).socket
     props = s.props(unit)
     if props["ActiveState"] != "active":
         return Check("socket", Level.failed, f"{unit} is {props['ActiveState']}; run "
@@ -192,7 +196,7 @@ def live_health(s: Subject) -> Check:
                  "anyway: a sick live color is when a fix must go out")
 
 
-CHECKS: list[Callable[[Subject], Check]] = [
+CHECKS: list[CheckFn] = [
     units_loaded, socket_held, idle_port_free, colors_not_failed, disk_space, memory,
     build_ready, user_can_read, live_health,
 ]

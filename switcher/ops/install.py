@@ -21,8 +21,8 @@ import psutil
 from switcher import render, state
 from switcher.config import Config, Environment
 from switcher.errors import UsageError
-from switcher.model import RUN_DIR, Color, Mode, RouterSettings, control_socket
-from switcher.render import color_unit
+from switcher.model import Color, Mode, RouterSettings
+from switcher.names import RUN_DIR, Names
 from switcher.systemd import Systemd, unit_of_pid
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
@@ -58,11 +58,10 @@ def write_units(files: dict[str, str], out: Path) -> list[str]:
 
 
 def router_settings(cfg: Config, env: Environment) -> RouterSettings:
-    prefix = cfg.unit_prefix(env)
     return RouterSettings(
         app=cfg.app, env=env.name, mode=Mode(env.router.mode),
         colors={c: (env.host, env.port(c)) for c in Color},
-        control_socket=control_socket(prefix), backlog=env.router.backlog,
+        control_socket=Names(cfg.app, env.name).control_socket, backlog=env.router.backlog,
         max_connections=env.router.max_connections, restart_drain=env.router.restart_drain,
         header_timeout=env.router.header_timeout, idle_timeout=env.router.idle_timeout,
         max_header_bytes=env.router.max_header_bytes,
@@ -73,8 +72,8 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
 def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebind: bool,
             dry_run: bool, say: Say) -> InstallResult:
     files = render.render(cfg, env)
-    names = render.unit_names(cfg.app, env.name)
-    socket_unit = names["socket"]
+    names = Names(cfg.app, env.name)
+    socket_unit = names.socket
     _check_socket_change(env, sd, unit_dir / socket_unit, files[socket_unit], rebind=rebind)
     if not _active(sd, socket_unit):
         _check_port_free(env, socket_unit)
@@ -82,14 +81,13 @@ def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebin
     pending = [rel for rel, text in sorted(files.items())
                if not (unit_dir / rel).exists() or (unit_dir / rel).read_text() != text]
     result.new_units = [rel for rel in pending if not (unit_dir / rel).exists()]
-    result.running_colors = [color_unit(cfg.app, env.name, c) for c in Color
-                             if _active(sd, color_unit(cfg.app, env.name, c))]
+    result.running_colors = [names.color(c) for c in Color if _active(sd, names.color(c))]
     settings = router_settings(cfg, env)
     if dry_run:
         for rel in pending:
             say(f"would write {unit_dir / rel}")
         say("would write router settings, daemon-reload, enable and start "
-            f"{socket_unit}, start or reload {names['router']}" if pending
+            f"{socket_unit}, start or reload {names.router}" if pending
             else "units are up to date; nothing to write")
         return result
     result.changed_units = write_units(files, unit_dir)
@@ -98,18 +96,18 @@ def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebin
     result.router_settings_changed = state.save_router_settings(env_dir, settings)
     if result.changed_units:
         sd.daemon_reload()
-    for unit in (socket_unit, names["router"]):
+    for unit in (socket_unit, names.router):
         if sd.show(unit, "UnitFileState")["UnitFileState"] != "enabled":
             sd.enable(unit)
     socket_changed = socket_unit in result.changed_units
     if rebind and socket_changed and _active(sd, socket_unit):
-        result.rebind_gap = _rebind(sd, socket_unit, names["router"], env)
+        result.rebind_gap = _rebind(sd, socket_unit, names.router, env)
         result.router_action = "restarted"
     else:
         if not _active(sd, socket_unit):
             sd.start(socket_unit)
         result.router_action = _start_or_reload_router(
-            sd, names["router"], unit_changed=names["router"] in result.changed_units,
+            sd, names.router, unit_changed=names.router in result.changed_units,
             settings_changed=result.router_settings_changed)
     _report(result, unit_dir, say)
     return result

@@ -35,7 +35,8 @@ from typing import Any
 
 from switcher import health, state
 from switcher.config import Config, Environment
-from switcher.model import Color, State, color_unit, unit_names
+from switcher.model import Color, State
+from switcher.names import Names
 from switcher.routerctl import Router, RouterError
 from switcher.systemd import Systemd
 
@@ -56,8 +57,9 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     except (OSError, ValueError, KeyError, TypeError) as exc:
         current, _ = state.load_state_lenient(env_dir)
         state_error = f"{env_dir / state.STATE}: {exc}; run `alive-switch repair {env.name}`"
-    router_unit = unit_names(cfg.app, env.name)["router"]
-    colors = {c: color_unit(cfg.app, env.name, c) for c in Color}
+    names = Names(cfg.app, env.name)
+    router_unit = names.router
+    colors = {c: names.color(c) for c in Color}
     # One systemctl call for the three units (each call costs ~10 ms).
     props = sd.show_many([router_unit, *colors.values()], *COLOR_PROPS)
     router_info = _router(props[router_unit]["ActiveState"], router, router_unit)

@@ -17,8 +17,7 @@ from switcher.errors import AbortedError, LockHeldError, SwitchedBackError, Usag
 from switcher.model import Color, Pending, Phase
 from switcher.ops import checks
 from switcher.ops.deploy import Deployer
-from switcher.routerctl import FakeRouter
-from switcher.systemd import FakeSystemd
+from tests.fakes import FakeRouter, FakeSystemd
 from tests.ports import port_block
 
 LISTEN, BLUE, GREEN = port_block(__name__, 3)

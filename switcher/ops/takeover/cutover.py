@@ -1,6 +1,7 @@
 """The critical section of a takeover, run by PID 1 rather than by the CLI.
 
-``install --takeover`` starts this module as a transient service (``systemd-run --wait``)::
+``install --takeover`` starts this module as a transient service (``systemd-run``, then waits for
+RESULT_FILE)::
 
     python -m switcher.ops.takeover.cutover LEGACY SOCKET LISTEN_ADDRESS PORT RESULT_FILE TIMEOUT
 
@@ -18,6 +19,7 @@ happens to the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, Protocol
 
 PORT_POLL = 0.001  # seconds between bind attempts while LEGACY still holds the port
 
@@ -52,28 +55,57 @@ def port_free(listen: str, port: int) -> bool:
     return False
 
 
-def cut_over(legacy: str, socket_unit: str, listen: str, port: int, timeout: float) -> float:
+class Systemctl:
+    """How the cut-over drives PID 1: ``systemctl``. The unit tests give ``cut_over`` an
+    in-memory stand-in instead, so they run this module's own logic."""
+
+    def begin_stop(self, unit: str) -> subprocess.Popen[str]:
+        """Start stopping ``unit`` in the background (it may drain for long)."""
+        return subprocess.Popen(["systemctl", "stop", unit], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    def start(self, unit: str) -> None:
+        """Start ``unit``; RuntimeError with systemctl's words when it fails."""
+        done = subprocess.run(["systemctl", "start", unit], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip() or f"systemctl start {unit} failed")
+
+
+class Stopping(Protocol):
+    returncode: int | None
+    stderr: IO[str] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self) -> int: ...
+
+
+class Manager(Protocol):
+    def begin_stop(self, unit: str) -> Stopping: ...
+    def start(self, unit: str) -> None: ...
+
+
+def cut_over(legacy: str, socket_unit: str, listen: str, port: int, timeout: float, *,
+             manager: Manager | None = None) -> float:
     """Stop ``legacy``, bind ``socket_unit``; seconds from the stop to the bind. On failure
     ``legacy`` is started again and RuntimeError raised."""
+    units = manager or Systemctl()
     began = time.monotonic()
-    stopping = subprocess.Popen(["systemctl", "stop", legacy], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+    stopping = units.begin_stop(legacy)
     try:
         _wait_free(listen, port, stopping, timeout)
-        subprocess.run(["systemctl", "start", socket_unit], check=True, capture_output=True,
-                       text=True)
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        units.start(socket_unit)
+    except RuntimeError as exc:
         stopping.wait()
-        subprocess.run(["systemctl", "start", legacy], check=False)
-        said = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else exc
-        raise RuntimeError(f"{said}; started {legacy} again") from None
+        with contextlib.suppress(RuntimeError):
+            units.start(legacy)
+        raise RuntimeError(f"{exc}; started {legacy} again") from None
     bound = time.monotonic() - began
     stopping.wait()  # the rest of LEGACY's own graceful stop
     return bound
 
 
-def _wait_free(listen: str, port: int, stopping: subprocess.Popen[str], timeout: float
-               ) -> None:
+def _wait_free(listen: str, port: int, stopping: Stopping, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not port_free(listen, port):
         if stopping.poll() is not None:
@@ -88,10 +120,11 @@ def _wait_free(listen: str, port: int, stopping: subprocess.Popen[str], timeout:
         time.sleep(PORT_POLL)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], manager: Manager | None = None) -> int:
     legacy, socket_unit, listen, port, result, timeout = argv
     try:
-        bound = cut_over(legacy, socket_unit, listen, int(port), float(timeout))
+        bound = cut_over(legacy, socket_unit, listen, int(port), float(timeout),
+                         manager=manager)
     except RuntimeError as exc:
         _write(Path(result), {"ok": False, "error": str(exc)})
         print(f"cut-over failed: {exc}", file=sys.stderr)

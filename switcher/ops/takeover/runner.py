@@ -51,7 +51,6 @@ import enum
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import sys
@@ -62,18 +61,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switcher import health, render, state
+from switcher import render, state
 from switcher.errors import AbortedError, SwitchError, UsageError
 from switcher.model import Color
+from switcher.names import Names
 from switcher.ops import builds, checks, install
-from switcher.ops.deploy import Deployer, _env_quote
+from switcher.ops.site import Site, kill_here
 from switcher.ops.takeover.cutover import port_free
 from switcher.routerctl import serving
 
 __all__ = ["Resumed", "Takeover", "intent_path", "port_free", "resume"]
 
-TEST_FAIL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_FAIL"
-TEST_KILL_VAR = "ALIVE_SWITCH_TEST_TAKEOVER_KILL"
 PROBE_EVERY = 0.002  # seconds between connection attempts while measuring the gap
 # The cut-over gives up (and starts UNIT again) when the port is still held this long after
 # the stop; systemd itself SIGKILLs UNIT after its TimeoutStopSec (90 s by default).
@@ -128,7 +126,7 @@ class Plan:
     env: str
     legacy: Legacy
     build: str
-    names: dict[str, str]  # render.unit_names
+    names: Names
     blue: str  # blue's unit
     listen: str
     backup_dir: Path
@@ -136,19 +134,19 @@ class Plan:
     @property
     def same_name(self) -> bool:
         """UNIT is named like the router: its file is replaced, not left beside ours."""
-        return self.legacy.unit == self.names["router"]
+        return self.legacy.unit == self.names.router
 
     @property
     def stand_in(self) -> str:
-        return render.takeover_router(self.names["router"].removesuffix(".service"))
+        return self.names.takeover_router
 
     @property
     def first_router(self) -> str:
         """The router unit that serves first: the stand-in when UNIT has the router's name."""
-        return self.stand_in if self.same_name else self.names["router"]
+        return self.stand_in if self.same_name else self.names.router
 
     def steps(self) -> list[tuple[Step, str]]:
-        unit, router, sock = self.legacy.unit, self.names["router"], self.names["socket"]
+        unit, router, sock = self.legacy.unit, self.names.router, self.names.socket
         stand_in = (f" ({router} stays {unit}'s file until the end; {sock} triggers the "
                     f"stand-in {self.stand_in})") if self.same_name else ""
         steps = [
@@ -182,7 +180,7 @@ class Plan:
         return steps
 
     def describe(self) -> list[str]:
-        lines = [f"takeover of {self.legacy.unit} by {self.names['socket']} + blue "
+        lines = [f"takeover of {self.legacy.unit} by {self.names.socket} + blue "
                  f"({self.build}):"]
         lines += [f"  {n:>2}. {text}" for n, (_, text) in enumerate(self.steps(), 1)]
         lines.append(f"  a failure before the stop changes nothing; after it, {self.legacy.unit}"
@@ -191,16 +189,16 @@ class Plan:
         return lines
 
 
-def make_plan(d: Deployer, legacy: Legacy, build: str) -> Plan:
+def make_plan(d: Site, legacy: Legacy, build: str) -> Plan:
     return Plan(d.env.name, legacy, build, d.names, d.unit(Color.blue), d.env.listen_address,
                 backup_dir(d))
 
 
-def backup_dir(d: Deployer) -> Path:
+def backup_dir(d: Site) -> Path:
     return d.env_dir / state.TAKEOVER
 
 
-def intent_path(d: Deployer) -> Path:
+def intent_path(d: Site) -> Path:
     return d.env_dir / state.TAKEOVER_INTENT
 
 
@@ -211,7 +209,7 @@ class Resumed(enum.Enum):
     undone = "undone"  # it had not: UNIT serves again, as before the takeover
 
 
-def resume(d: Deployer) -> Resumed:
+def resume(d: Site) -> Resumed:
     """Finish or undo a takeover whose CLI died between its backup and its end (the intent
     file exists). The caller holds the lock."""
     info = json.loads(intent_path(d).read_text())
@@ -221,7 +219,7 @@ def resume(d: Deployer) -> Resumed:
     takeover = Takeover(d, Path(info["unit_dir"]))
     takeover.wait_cut_over()
     result = Result(p)
-    if d.sd.show(p.names["socket"], "ActiveState")["ActiveState"] == "active":
+    if d.sd.show(p.names.socket, "ActiveState")["ActiveState"] == "active":
         d.say(f"a takeover of {legacy.unit} ended after its cut-over: completing it")
         result.legacy = "replaced"
         takeover.complete(p, result)
@@ -348,9 +346,10 @@ class Result:
 
 
 class Takeover:
-    def __init__(self, d: Deployer, unit_dir: Path) -> None:
+    def __init__(self, d: Site, unit_dir: Path) -> None:
         self.d, self.unit_dir, self.say = d, unit_dir, d.say
         self.sd, self.env = d.sd, d.env
+        self.phases = d.phases()
 
     def run(self, unit: str, build_arg: str | None, *, dry_run: bool) -> Result:
         unit = unit if "." in unit else f"{unit}.service"
@@ -372,7 +371,7 @@ class Takeover:
 
     def _run(self, p: Plan, build: builds.Build) -> Result:
         result = Result(p)
-        deploy_id = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        deploy_id = self.d.new_deploy_id()
         self.say(f"takeover of {p.legacy.unit}: {build.name} → blue")
         undo = Undo()
         try:
@@ -404,16 +403,12 @@ class Takeover:
 
     @contextlib.contextmanager
     def step(self, step: Step, result: Result, label: str = "") -> Iterator[None]:
+        """A takeover step through the site's one phase runner; ``result`` keeps its time."""
         result.current = step.value
-        if os.environ.get(TEST_KILL_VAR) == step.value and step is not Step.cut_over:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if os.environ.get(TEST_FAIL_VAR) == step.value:
-            raise SwitchError(f"injected failure at step {step} ({TEST_FAIL_VAR})")
-        began = time.monotonic()
-        yield
-        took = time.monotonic() - began
-        result.steps[step.value] = round(took, 3)
-        self.say(f"  {step.value:<16} {took:7.2f} s  {label}".rstrip())
+        # The cut-over's kill point is inside it, once PID 1 runs the cut-over (see there).
+        with self.phases(step, label, kill_inside=step is Step.cut_over):
+            yield
+        result.steps[step.value] = self.phases.durations[step.value]
 
     def _check(self, p: Plan, result: Result) -> None:
         with self.step(Step.check, result):
@@ -423,7 +418,7 @@ class Takeover:
                 raise UsageError(f"{legacy.unit} is not loaded (LoadState={props['LoadState']})",
                                  f"name the unit that runs the app now (systemctl status "
                                  f"{legacy.unit})")
-            ours = {names["socket"], names["template"], self.d.unit(Color.blue),
+            ours = {names.socket, names.template, self.d.unit(Color.blue),
                     self.d.unit(Color.green)}
             if legacy.unit in ours:
                 raise UsageError(f"{legacy.unit} is one of alive-switch's own units",
@@ -431,8 +426,8 @@ class Takeover:
             if p.same_name and _rendered_by_us(legacy.fragment):
                 raise UsageError(f"{legacy.unit} is already alive-switch's router",
                                  f"deploy instead: alive-switch deploy {self.env.name}")
-            if self.sd.show(names["socket"], "ActiveState")["ActiveState"] == "active":
-                raise UsageError(f"{names['socket']} is already active: the port is "
+            if self.sd.show(names.socket, "ActiveState")["ActiveState"] == "active":
+                raise UsageError(f"{names.socket} is already active: the port is "
                                  "alive-switch's; a takeover is the first cut-over only",
                                  f"deploy instead: alive-switch deploy {self.env.name}")
             if self.d.load_state().active is not None:
@@ -513,7 +508,7 @@ class Takeover:
         undo.add("daemon-reload", self.sd.daemon_reload)
         files = render.render(self.d.cfg, self.env)
         if p.same_name:  # until the end, that file is UNIT's; the socket triggers a stand-in
-            del files[p.names["router"]]
+            del files[p.names.router]
             files.update(render.takeover_units(self.d.cfg, self.env))
         for rel, text in sorted(files.items()):
             self._put(self.unit_dir / rel, text.encode(), undo)
@@ -533,41 +528,21 @@ class Takeover:
         state.write_atomic(path, data)
 
     def _preflight(self, build: builds.Build) -> None:
-        subject = checks.Subject(self.d.cfg.app, self.env, self.sd, Color.blue, None,
-                                 build.path)
-        results = [check(subject) for check in PREFLIGHT]
-        for line in (r.line() for r in results if r.level is not checks.Level.ok):
-            self.say(f"    {line}")
-        failed = checks.failures(results)
-        if failed:
-            raise AbortedError("pre-flight failed: " + "; ".join(
-                f"{c.name}: {c.detail}" for c in failed), "fix it, then run the takeover again")
+        self.d.require_preflight(Color.blue, None, build.path, which=PREFLIGHT, after="",
+                                 hint="fix it, then run the takeover again")
 
     def _start_blue(self, build: builds.Build, undo: Undo) -> dict[str, str]:
         blue, env_dir = self.d.unit(Color.blue), self.d.env_dir
-        link, env_file = state.color_link(env_dir, Color.blue), env_dir / "blue.env"
-        undo.add("blue's link", snapshot(link))
-        undo.add("blue's env file", snapshot(env_file))
-        state.symlink_atomic(link, build.path)
-        state.write_atomic(env_file, f"ALIVE_SWITCH_BUILD={_env_quote(build.name)}\n".encode())
+        undo.add("blue's link", snapshot(state.color_link(env_dir, Color.blue)))
+        undo.add("blue's env file", snapshot(env_dir / "blue.env"))
+        self.d.point_at(Color.blue, build.name, build.path)
         undo.add(f"stop {blue}", lambda: self.sd.stop(blue))
-        self.sd.reset_failed(blue)
-        try:
-            self.sd.restart(blue)
-        except SwitchError as exc:
-            raise AbortedError(f"blue failed to start {build.name}: {exc.message}",
-                               self.d.journal_hint(Color.blue)) from None
-        return self.d.identity(Color.blue)
+        return self.d.restart_color(Color.blue, build.name)
 
     def _health_gate(self, started: dict[str, str]) -> None:
-        env = self.env
-        port = env.port(Color.blue)
-        probe = health.wait_healthy(env.host, port, env.health,
-                                    still_running=lambda: self.d.gone(Color.blue, started))
-        if not probe.ok:
-            where = health.url(env.host, port, env.health.path)
-            raise AbortedError(f"blue failed its health check: GET {where} → {probe.detail}",
-                               self.d.journal_hint(Color.blue))
+        problem = self.d.health_problem(Color.blue, started)
+        if problem:
+            raise AbortedError(f"blue {problem}", self.d.journal_hint(Color.blue))
 
     def _hook(self, name: str, build: builds.Build, result: Result, *, abort: bool) -> None:
         run = self.d.run_hook(name, Color.blue, build.name, build.path)
@@ -584,7 +559,7 @@ class Takeover:
     # -- the cut-over ---------------------------------------------------------------------
 
     def _cut_over(self, p: Plan, undo: Undo, result: Result) -> None:
-        legacy, sd, sock = p.legacy, self.sd, p.names["socket"]
+        legacy, sd, sock = p.legacy, self.sd, p.names.socket
         with GapProbe(install.listen_probe_address(self.env)) as probe:
             result.gap = probe.gap
             if legacy.active:
@@ -604,16 +579,15 @@ class Takeover:
     def _run_cut_over(self, p: Plan) -> float:
         """Have PID 1 stop UNIT and bind the socket (see ops/takeover/cutover.py); seconds
         from the stop to the bind."""
-        name = f"{self.d.prefix}-cutover"
+        name = self.d.names.cutover
         outcome = p.backup_dir / "cutover.json"
         outcome.unlink(missing_ok=True)
         self.sd.cancel(name)  # a finished one of an earlier attempt still holds the name
         self.sd.start_transient(name, [
-            sys.executable, "-m", "switcher.ops.takeover.cutover", p.legacy.unit, p.names["socket"],
+            sys.executable, "-m", "switcher.ops.takeover.cutover", p.legacy.unit, p.names.socket,
             self.env.listen_address, str(self.env.listen_port), str(outcome),
             f"{CUTOVER_TIMEOUT:g}"])
-        if os.environ.get(TEST_KILL_VAR) == Step.cut_over.value:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_here(Step.cut_over.value)
         done = self._wait_outcome(name, outcome)
         self.sd.cancel(name)
         if not done.get("ok"):
@@ -640,7 +614,7 @@ class Takeover:
 
     def wait_cut_over(self) -> None:
         """Until a cut-over started by a CLI that died has ended (PID 1 runs it on)."""
-        name = f"{self.d.prefix}-cutover.service"
+        name = f"{self.d.names.cutover}.service"
         deadline = time.monotonic() + CUTOVER_TIMEOUT + 30
         while self.sd.show(name, "SubState")["SubState"] in ("running", "start"):
             if time.monotonic() > deadline:
@@ -728,14 +702,14 @@ class Takeover:
         """Enable at boot, hand over from the stand-in, end the intent. Run again by a later
         command when the CLI died before the end (see :func:`resume`)."""
         with self.step(Step.enable, result):
-            for unit in (p.names["socket"], p.blue):
+            for unit in (p.names.socket, p.blue):
                 self._enable(unit, result)
             if not p.same_name:
-                self._enable(p.names["router"], result)
+                self._enable(p.names.router, result)
         if p.same_name:
-            with self.step(Step.swap_router, result, f"{p.stand_in} → {p.names['router']}"):
+            with self.step(Step.swap_router, result, f"{p.stand_in} → {p.names.router}"):
                 self._swap_router(p)
-            self._enable(p.names["router"], result)
+            self._enable(p.names.router, result)
         intent_path(self.d).unlink(missing_ok=True)
 
     def _replace_legacy_file(self, p: Plan) -> None:
@@ -746,21 +720,21 @@ class Takeover:
                 dropin.unlink()
         with contextlib.suppress(OSError):
             own.rmdir()  # only when empty: files it may hold that are not UNIT's stay
-        text = render.render(self.d.cfg, self.env)[p.names["router"]]
-        state.write_atomic(self.unit_dir / p.names["router"], text.encode())
+        text = render.render(self.d.cfg, self.env)[p.names.router]
+        state.write_atomic(self.unit_dir / p.names.router, text.encode())
 
     def _swap_router(self, p: Plan) -> None:
         """UNIT has stopped: its name becomes the router's. No connection is refused: the
         socket keeps listening, and they wait in its backlog while no router runs."""
         self._replace_legacy_file(p)
         files = render.render(self.d.cfg, self.env)
-        sock = p.names["socket"]
+        sock = p.names.socket
         state.write_atomic(self.unit_dir / sock, files[sock].encode())
         (self.unit_dir / p.stand_in).unlink(missing_ok=True)
         self.sd.daemon_reload()
         self.sd.stop(p.stand_in)
-        self.sd.reset_failed(p.names["router"])
-        self.sd.start(p.names["router"])
+        self.sd.reset_failed(p.names.router)
+        self.sd.start(p.names.router)
         self._router_serves_blue()
 
     def _enable(self, unit: str, result: Result) -> None:

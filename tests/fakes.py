@@ -1,0 +1,161 @@
+"""Fakes of the outside world for the unit tests: an in-memory systemd and router.
+
+They stand in for the adapters (switcher/systemd.py, switcher/routerctl.py) only; what a
+fake runs on the product's behalf is the product's own code (FakeSystemd.start_transient
+runs the real cut-over of ops/takeover/cutover.py against its units)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from switcher.errors import SystemdError
+from switcher.model import Color, Fallback
+from switcher.ops.takeover import cutover
+from switcher.routerctl import CONTROL_TIMEOUT
+from switcher.systemd import UnitProps
+
+CUTOVER_MODULE = "switcher.ops.takeover.cutover"
+
+
+@dataclass
+class FakeUnit:
+    active: str = "inactive"
+    sub: str = "dead"
+    main_pid: int = 0
+    invocation: str = ""
+    enabled: bool = False
+
+
+@dataclass
+class FakeSystemd:
+    """In-memory systemd for unit tests of the deploy logic; records every call."""
+
+    units: dict[str, FakeUnit] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    timers: dict[str, tuple[float, list[str]]] = field(default_factory=dict)
+    fail_start: set[str] = field(default_factory=set)
+    _pid: int = 1000
+
+    def _unit(self, unit: str) -> FakeUnit:
+        return self.units.setdefault(unit, FakeUnit())
+
+    def daemon_reload(self) -> None:
+        self.calls.append(("daemon-reload", ""))
+
+    def start(self, unit: str) -> None:
+        self.calls.append(("start", unit))
+        if unit in self.fail_start:
+            self._unit(unit).active = "failed"
+            raise SystemdError(f"`systemctl start {unit}` failed", f"journalctl -u {unit}")
+        u = self._unit(unit)
+        if u.active != "active":
+            self._pid += 1
+            u.active, u.sub, u.main_pid, u.invocation = ("active", "running", self._pid,
+                                                         f"inv{self._pid}")
+
+    def stop(self, unit: str) -> None:
+        self.calls.append(("stop", unit))
+        u = self._unit(unit)
+        u.active, u.sub, u.main_pid = "inactive", "dead", 0
+
+    def restart(self, unit: str) -> None:
+        self.stop(unit)
+        self.start(unit)
+
+    def reload(self, unit: str) -> None:
+        self.calls.append(("reload", unit))
+
+    def reset_failed(self, unit: str) -> None:
+        self.calls.append(("reset-failed", unit))
+
+    def enable(self, unit: str) -> None:
+        self.calls.append(("enable", unit))
+        self._unit(unit).enabled = True
+
+    def disable(self, unit: str) -> None:
+        self.calls.append(("disable", unit))
+        self._unit(unit).enabled = False
+
+    def show(self, unit: str, *props: str) -> UnitProps:
+        u = self._unit(unit)
+        if unit.endswith(".timer"):  # a timer made by schedule() is active until cancelled
+            u.active = "active" if unit.removesuffix(".timer") in self.timers else "inactive"
+        every = {"ActiveState": u.active, "SubState": u.sub, "MainPID": str(u.main_pid),
+                 "InvocationID": u.invocation, "LoadState": "loaded",
+                 "UnitFileState": "enabled" if u.enabled else "disabled", "Result": "success"}
+        return {p: every.get(p, "") for p in props}
+
+    def show_many(self, units: list[str], *props: str) -> dict[str, UnitProps]:
+        return {unit: self.show(unit, *props) for unit in units}
+
+    def schedule(self, name: str, after: float, argv: list[str]) -> None:
+        self.calls.append(("schedule", name))
+        if name in self.timers:
+            raise SystemdError(f"unit {name}.timer already exists", "")
+        self.timers[name] = (after, argv)
+
+    def cancel(self, name: str) -> None:
+        self.calls.append(("cancel", name))
+        self.timers.pop(name, None)
+
+    def start_transient(self, name: str, argv: list[str]) -> None:
+        """Runs what a transient unit of alive-switch's runs: the takeover's cut-over, its
+        real code (cutover.main) against this fake's units."""
+        self.calls.append(("start-transient", name))
+        if CUTOVER_MODULE not in argv:
+            raise SystemdError(f"FakeSystemd cannot run {argv}", "")
+        cutover.main(argv[-6:], manager=_CutoverUnits(self))
+
+
+@dataclass
+class _Stopped:
+    """A legacy unit's stop, done at once."""
+
+    returncode: int | None = 0
+    stderr: IO[str] | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        return 0
+
+
+@dataclass
+class _CutoverUnits:
+    """What the cut-over asks of PID 1, answered by a FakeSystemd."""
+
+    sd: FakeSystemd
+
+    def begin_stop(self, unit: str) -> _Stopped:
+        self.sd.stop(unit)
+        return _Stopped()
+
+    def start(self, unit: str) -> None:
+        try:
+            self.sd.start(unit)
+        except SystemdError as exc:
+            raise RuntimeError(exc.message) from None
+
+
+@dataclass
+class FakeRouter:
+    """Records switches, for unit tests of the deploy logic."""
+
+    active: Color | None = None
+    fallback: Fallback | None = None
+    switches: list[Color] = field(default_factory=list)
+
+    def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        return {"ok": True, "serving": self.active.value if self.active else None,
+                "inflight": {"blue": 0, "green": 0}}
+
+    def switch(self, target: Color, fallback: Fallback | None,
+               drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
+        self.active, self.fallback = target, fallback
+        self.switches.append(target)
+        return {"ok": True, "serving": target.value}
+
+    def set_fallback(self, fallback: Fallback | None) -> None:
+        self.fallback = fallback

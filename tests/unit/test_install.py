@@ -1,0 +1,48 @@
+"""install's reports and refusals (switcher/ops/install.py). tests/system/test_real_hosts.py proves
+the same against a real systemd."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from switcher.errors import UsageError
+from switcher.ops import install
+from tests.fakes import FakeSystemd
+from tests.unit.opskit import LISTEN, ShowFake, write_config
+
+# ---------------------------------------------------------------- install reports
+
+def test_install_says_what_changed_and_when_it_takes_effect(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    unit_dir, sd = tmp_path / "units", ShowFake({"lc-prod.socket": {"Listen":
+                                                                    f"[::]:{LISTEN} (Stream)"}})
+    said: list[str] = []
+    install.install(cfg, cfg.env["prod"], sd, unit_dir, rebind=False, dry_run=False,
+                    say=said.append)
+    assert f"wrote {unit_dir}/lc-prod@.service (new)" in said
+    sd.start("lc-prod@blue.service")
+    cfg = write_config(tmp_path, extra='user = "nobody"')
+    said.clear()
+    install.install(cfg, cfg.env["prod"], sd, unit_dir, rebind=False, dry_run=False,
+                    say=said.append)
+    assert said[0] == f"changed: lc-prod@.service (wrote {unit_dir}/lc-prod@.service)"
+    assert "takes effect on the next start of a color" in said[1]
+    assert "lc-prod@blue.service" in said[1]
+
+
+def test_install_refuses_while_another_process_holds_the_port(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    with socket.create_server(("127.0.0.1", LISTEN)):
+        holders = install.port_holders(LISTEN)
+        assert [h.pid for h in holders] == [os.getpid()]
+        with pytest.raises(UsageError, match="EADDRINUSE") as caught:
+            install.install(cfg, cfg.env["prod"], FakeSystemd(), tmp_path / "units",
+                            rebind=False, dry_run=False, say=print)
+        assert "--takeover" in caught.value.hint
+    assert not (tmp_path / "units").exists(), "nothing was written"
+
+
