@@ -8,7 +8,8 @@
     ├── LockHeldError (4)         another command holds the environment's lock
     ├── SwitchedBackError (5)     switched, then switched back during `watch`
     ├── NeedsRepairError (6)      state.json unreadable or inconsistent: run `repair`
-    └── SystemdError (1)          a systemctl call failed; carries a journalctl hint
+    ├── SystemdError (1)          a systemctl call failed; carries a journalctl hint
+    └── RouterError (1)           the router's control socket failed or refused a command
 """
 
 from __future__ import annotations
@@ -55,4 +56,8 @@ class NeedsRepairError(SwitchError):
 
 
 class SystemdError(SwitchError):
+    exit_code = 1
+
+
+class RouterError(SwitchError):
     exit_code = 1

@@ -57,8 +57,8 @@ class Phase(enum.StrEnum):
 
     lock = "lock"
     reconcile = "reconcile"
+    preflight = "preflight"  # first: a failed check must leave the standby color as it was
     cancel_timer = "cancel_timer"
-    preflight = "preflight"
     start = "start"
     health = "health"
     pre_switch = "pre_switch"

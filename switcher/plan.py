@@ -31,21 +31,28 @@ class Plan:
         return [p for p in Phase if p not in skip]
 
     def describe(self) -> list[str]:
+        """What --dry-run prints: the phases a run would go through, in the order it runs
+        them (both read :meth:`phases`)."""
         if self.noop:
             return [f"build {self.build} is already live on {self.target}: nothing to do "
                     "(--force deploys it again)"]
+        old = self.old.value if self.old else "nothing"
         start = (f"{self.target} already runs {self.build}: health check only" if self.warm
                  else f"point {self.target} at {self.build}, (re)start {self.target}")
-        old = self.old.value if self.old else "nothing"
-        return [
-            f"{self.kind} {self.build} to {self.target} (live now: {old})",
-            f"  1. cancel any retire timer of {self.target}; pre-flight checks",
-            f"  2. {start}",
-            f"  3. health gate on {self.target}; pre_switch hook",
-            f"  4. switch the router to {self.target}; commit",
-            f"  5. watch {self.target}; {old} drains and stays on standby, then retires",
-            "  6. post_switch hook; enable the new color at boot; history",
-        ]
+        says = {
+            Phase.preflight: "pre-flight checks (a failure changes nothing)",
+            Phase.cancel_timer: f"cancel any retire timer of {self.target}; it is no fallback",
+            Phase.start: start,
+            Phase.health: f"health gate on {self.target}",
+            Phase.pre_switch: "pre_switch hook, if configured",
+            Phase.switching: f"switch the router to {self.target}",
+            Phase.commit: f"commit; {self.target} starts at boot",
+            Phase.watch: f"watch {self.target}; {old} drains",
+            Phase.schedule_retire: f"{old} on standby, then it retires",
+            Phase.post_switch: "post_switch hook, if configured; history",
+        }
+        return [f"{self.kind} {self.build} to {self.target} (live now: {old})",
+                *(f"  {n:>2}. {says[phase]}" for n, phase in enumerate(self.phases(), 1))]
 
 
 def plan_deploy(state: State, build: str, *, force: bool, running: dict[Color, str | None]

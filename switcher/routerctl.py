@@ -6,14 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from switcher.errors import SwitchError
+from switcher.errors import RouterError, SwitchError
 from switcher.model import Color, Fallback
 
 CONTROL_TIMEOUT = 5.0
-
-
-class RouterError(SwitchError):
-    exit_code = 1
 
 
 class Router(Protocol):

@@ -28,6 +28,8 @@ HISTORY = "history.jsonl"
 ROUTER_SETTINGS = "router.json"
 TAKEOVER = "takeover"  # the legacy unit's backup
 TAKEOVER_INTENT = f"{TAKEOVER}/intent.json"  # a takeover between its backup and its end
+# What reading a damaged or foreign state file raises (load_state): one tuple for every reader.
+UNREADABLE = (OSError, ValueError, KeyError, TypeError)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -81,7 +83,7 @@ def load_state_lenient(env_dir: Path) -> tuple[State, str]:
             return State.from_json(read_json(env_dir / name)), name
         except FileNotFoundError:
             continue
-        except (OSError, ValueError, KeyError, TypeError):
+        except UNREADABLE:
             continue
     return State(), "none"
 

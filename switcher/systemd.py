@@ -1,7 +1,8 @@
-"""The systemctl adapter: the only module that runs systemctl / systemd-run.
+"""The systemctl adapter: how the CLI runs systemctl / systemd-run (the one other caller is
+the takeover's cut-over, ops/takeover/cutover.py, which PID 1 runs on its own).
 
 Failures become :class:`SystemdError` naming the command, systemd's words and the
-``journalctl`` line to read. :class:`FakeSystemd` stands in for it in unit tests.
+``journalctl`` line to read. ``tests/fakes.py``'s FakeSystemd stands in for it in unit tests.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def _protected_in(cfg: Config, env: Environment, root: Path) -> dict[str, str]:
     env_dir = cfg.env_dir(env)
     try:
         current = state.load_state(env_dir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except state.UNREADABLE as exc:
         raise NeedsRepairError(
             f"{env_dir / state.STATE} is unreadable ({exc}): cannot tell which builds are "
             "live, so nothing was pruned", f"run `alive-switch repair {env.name}`") from None

@@ -15,7 +15,6 @@ from switcher import plan, state
 from switcher.errors import AbortedError, SwitchError
 from switcher.model import Color, State
 from switcher.ops.site import SWITCH_BACK, Site
-from switcher.ops.takeover import runner as takeover
 from switcher.routerctl import serving
 
 
@@ -43,6 +42,10 @@ def begin(site: Site) -> tuple[State, dict[Color, str | None]]:
 
 
 def _resume_takeover(site: Site) -> None:
+    # Imported only here: the takeover needs Jinja2 and psutil, which a rollback must not
+    # pay for (status and rollback have timed start-up goals).
+    from switcher.ops.takeover import runner as takeover  # noqa: PLC0415
+
     if takeover.resume(site) is takeover.Resumed.undone:
         raise AbortedError(
             "an interrupted takeover was undone (see above): the legacy unit serves "

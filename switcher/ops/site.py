@@ -156,7 +156,7 @@ class Site:
     def load_state(self) -> State:
         try:
             return state.load_state(self.env_dir)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except state.UNREADABLE as exc:
             raise NeedsRepairError(
                 f"{self.env_dir / state.STATE} is unreadable ({exc}); the router keeps "
                 "serving its last switch",

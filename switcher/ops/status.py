@@ -35,9 +35,10 @@ from typing import Any
 
 from switcher import health, state
 from switcher.config import Config, Environment
+from switcher.errors import RouterError
 from switcher.model import Color, State
 from switcher.names import Names
-from switcher.routerctl import Router, RouterError
+from switcher.routerctl import Router
 from switcher.systemd import Systemd
 
 SCHEMA = 1
@@ -54,7 +55,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     state_error = None
     try:
         current = state.load_state(env_dir)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except state.UNREADABLE as exc:
         current, _ = state.load_state_lenient(env_dir)
         state_error = f"{env_dir / state.STATE}: {exc}; run `alive-switch repair {env.name}`"
     names = Names(cfg.app, env.name)
@@ -83,7 +84,7 @@ def _unfinished_takeover(env_dir: Path) -> str | None:
     """The legacy unit of a takeover whose CLI died before its end, if any."""
     try:
         return str(json.loads((env_dir / state.TAKEOVER_INTENT).read_text())["unit"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except state.UNREADABLE:
         return None
 
 
