@@ -26,7 +26,7 @@ import pytest
 
 from switcher import state as files
 from switcher.model import Color, Fallback, State
-from switcher.router import http
+from switcher.router.http import wire
 from tests.ports import port_block
 from tests.unit.test_router import Router, blue_live, wait_for, write_settings
 
@@ -750,10 +750,10 @@ def test_forwarding_headers_from_a_trusted_proxy_are_extended(
 
 
 def test_forwarding_headers_quote_ipv6_and_extend_what_a_trusted_proxy_sent() -> None:
-    assert http.forwarding("::1", None, None, None) == (
+    assert wire.forwarding("::1", None, None, None) == (
         b"X-Forwarded-For: ::1\r\nX-Forwarded-Proto: http\r\n"
         b'Forwarded: for="[::1]";proto=http\r\n')
-    assert http.forwarding("10.1.2.3", b"1.1.1.1", b"https", b"for=1.1.1.1") == (
+    assert wire.forwarding("10.1.2.3", b"1.1.1.1", b"https", b"for=1.1.1.1") == (
         b"X-Forwarded-For: 1.1.1.1, 10.1.2.3\r\nX-Forwarded-Proto: https\r\n"
         b"Forwarded: for=1.1.1.1, for=10.1.2.3;proto=http\r\n")
 
@@ -997,7 +997,7 @@ FAST_CANDIDATES = [
 def test_the_fast_path_takes_only_heads_llhttp_takes_the_same_way(head: bytes) -> None:
     """What the fast path relays unparsed, llhttp accepts as one bodiless message with the
     same fields, one Host and none of the headers the router must act on."""
-    if not http.FAST_REQUEST.fullmatch(head):
+    if not wire.FAST_REQUEST.fullmatch(head):
         return
     parsed = _Parsed()
     httptools.HttpRequestParser(parsed).feed_data(head)
@@ -1022,7 +1022,7 @@ def test_the_fast_path_takes_only_heads_llhttp_takes_the_same_way(head: bytes) -
     (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", False),
 ])
 def test_the_fast_path_takes_plain_heads_only(head: bytes, fast: bool) -> None:
-    assert bool(http.FAST_REQUEST.fullmatch(head)) is fast
+    assert bool(wire.FAST_REQUEST.fullmatch(head)) is fast
 
 
 FAST_RESPONSES = [
@@ -1054,7 +1054,7 @@ FAST_RESPONSES = [
 @pytest.mark.parametrize(("head", "length"), FAST_RESPONSES)
 def test_the_fast_path_takes_responses_framed_by_one_content_length(
         head: bytes, length: int | None) -> None:
-    match = http.FAST_RESPONSE.match(head + b"body")
+    match = wire.FAST_RESPONSE.match(head + b"body")
     assert (int(match[1]) if match else None) == length
     if match:
         assert match.end() == len(head)
