@@ -619,7 +619,9 @@ class Upstream(ResponseReader, asyncio.Protocol):
         if self.remaining:
             self._relay(data)
             return
-        if req.fast and req.done and not self.started and self._fast(data):
+        # Only on the first read of a response: once httptools has begun a head, a later
+        # read may start inside one of its values and look like a head of its own.
+        if req.fast and req.done and not self.seen and self._fast(data):
             return
         self.seen = True
         try:

@@ -1,0 +1,211 @@
+"""Mode "http" against hostile and broken peers (issue 19): each test reproduces one finding.
+
+The colors here are scripted: each connection runs a function the test gives, on a socket
+whose every received byte is recorded, so a test decides exactly how a color misbehaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from switcher import state as files
+from switcher.model import Color
+from tests.ports import port_block
+from tests.routerkit import Router, blue_live, write_settings
+
+_ports = itertools.cycle(port_block(__name__, 30))
+
+Script = Callable[["Peer"], None]
+
+
+class Peer:
+    """One connection the router opened to a scripted color."""
+
+    def __init__(self, sock: socket.socket, record: Callable[[bytes], None]) -> None:
+        self.sock = sock
+        self.record = record
+        self.buf = b""
+
+    def head(self) -> bytes:
+        """The next request head (through its blank line); EOFError at the end."""
+        while b"\r\n\r\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.record(data)
+            self.buf += data
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        return head + b"\r\n\r\n"
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+class ScriptedColor:
+    """127.0.0.1:port; connection n runs ``scripts[min(n, len - 1)]``."""
+
+    def __init__(self, port: int, *scripts: Script) -> None:
+        self.scripts = scripts
+        self.received: list[bytes] = []
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(1024)
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def all_bytes(self) -> bytes:
+        with self.lock:
+            return b"".join(self.received)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                script = self.scripts[min(self.connections, len(self.scripts) - 1)]
+                self.connections += 1
+                self.open.add(conn)
+            threading.Thread(target=self._serve, args=(conn, script), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, script: Script) -> None:
+        try:
+            with conn:
+                script(Peer(conn, self._record))
+        except (OSError, EOFError):
+            pass
+        finally:
+            with self.lock:
+                self.open.discard(conn)
+
+    def _record(self, data: bytes) -> None:
+        with self.lock:
+            self.received.append(data)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        with self.lock:
+            for conn in list(self.open):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def start(tmp: Path) -> Iterator[Callable[..., tuple[Router, ScriptedColor]]]:
+    """Start a router in http mode with blue live and scripted; wait for READY=1."""
+    routers: list[Router] = []
+    colors: list[ScriptedColor] = []
+
+    def start_(*scripts: Script, **overrides: Any) -> tuple[Router, ScriptedColor]:
+        port, blue, green = next(_ports), next(_ports), next(_ports)
+        ports = {Color.blue: blue, Color.green: green}
+        env_dir = tmp / "state" / "app-test"
+        env_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(env_dir, tmp, ports, mode="http", **overrides)
+        files.save_state(env_dir, blue_live())
+        color = ScriptedColor(blue, *scripts)
+        colors.append(color)
+        r = Router.spawn(tmp, port, ports, backlog=1024)
+        routers.append(r)
+        r.notified(lambda m: "READY=1" in m)
+        return r, color
+
+    yield start_
+    for r in routers:
+        r.close()
+    for c in colors:
+        c.stop()
+    for r in routers:
+        assert "Traceback" not in r.stderr(), r.stderr()
+        assert "Exception in" not in r.stderr(), r.stderr()
+
+
+def client(r: Router, timeout: float = 5) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", r.port), timeout=timeout)
+
+
+def read_response(sock: socket.socket, head_request: bool = False) -> tuple[bytes, bytes]:
+    """(head, body) of one response framed by Content-Length, or by the end."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError(f"EOF before a whole head; got {buf!r}")
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if head_request or head.split(b" ")[1][:1] == b"1":
+        return head, b""
+    if length is None:
+        while data := sock.recv(65536):
+            body += data
+        return head, body
+    while len(body) < length:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError(f"EOF after {len(body)} of {length} body bytes")
+        body += data
+    return head, body[:length]
+
+
+def status(head: bytes) -> int:
+    return int(head.split(b" ")[1])
+
+
+def ok(peer: Peer, body: bytes = b"ok") -> None:
+    peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def serve_ok(peer: Peer) -> None:
+    while True:
+        peer.head()
+        ok(peer)
+
+
+# -- 1. response desync ------------------------------------------------------------------------
+
+def test_a_response_head_split_inside_a_status_like_value_keeps_its_status(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    """The fast path must decide only on a whole head it read itself, not on the second
+    read of a head httptools has begun."""
+    sent_first = threading.Event()
+
+    def split_head(peer: Peer) -> None:
+        peer.head()
+        peer.send(b"HTTP/1.1 403 Forbidden\r\nX-Note: ")
+        sent_first.set()
+        time.sleep(0.2)  # two reads for the router: nothing to wait on from here
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndenied")
+        serve_ok(peer)
+
+    r, _ = start(split_head)
+    with client(r) as c:
+        c.sendall(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, body = read_response(c)
+        assert status(head) == 403
+        assert b"X-Note: HTTP/1.1 200 OK" in head
+        assert body == b"denied"
+        c.sendall(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, body = read_response(c)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert body == b"ok"
