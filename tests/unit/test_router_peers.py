@@ -209,3 +209,36 @@ def test_a_response_head_split_inside_a_status_like_value_keeps_its_status(
         head, body = read_response(c)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         assert body == b"ok"
+
+
+# -- 2. non-idempotent requests replayed -------------------------------------------------------
+
+def serve_one_then_drop(peer: Peer) -> None:
+    """Answer the first request; read the second, then close without answering."""
+    peer.head()
+    ok(peer)
+    peer.head()
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH", "DELETE", "PUT"])
+def test_a_request_that_is_not_safe_is_never_sent_twice(
+        start: Callable[..., tuple[Router, ScriptedColor]], method: str) -> None:
+    r, color = start(serve_one_then_drop, serve_ok)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status(read_response(c)[0]) == 200
+        c.sendall(f"{method} /once HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n".encode())
+        head, _ = read_response(c)
+    assert status(head) == 502
+    assert color.all_bytes.count(f"{method} /once".encode()) == 1
+
+
+def test_a_safe_bodiless_request_is_sent_again_on_a_new_connection(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, color = start(serve_one_then_drop, serve_ok)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status(read_response(c)[0]) == 200
+        c.sendall(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status(read_response(c)[0]) == 200
+    assert color.all_bytes.count(b"GET /again") == 2

@@ -19,7 +19,8 @@ are :mod:`.request`'s, the response framing :mod:`.response`'s, the bytes :mod:`
 A color that refuses the connection (nothing sent yet) is replaced by the fallback color
 of DESIGN.md, the previous live color inside its window and never a color in its health
 gate; failing that, 502. A kept-alive connection the color closed just as a bodiless
-request went out is replaced and the request sent again.
+request of a safe method (GET, HEAD, OPTIONS, TRACE) went out is replaced and the request sent
+again; any other gets 502, never a second copy.
 
 Upgrade (101) and CONNECT (2xx) turn the connection into a tunnel pinned to its color,
 counted in flight until it ends; after a switch the router closes it, cleanly, when the old
@@ -65,6 +66,7 @@ from switcher.router.http.wire import (
     NO_LIVE_COLOR,
     PLAIN,
     REQUEST_TIMEOUT,
+    SAFE_METHODS,
     TOO_MANY,
     UNREACHABLE,
     bad_request,
@@ -343,9 +345,11 @@ class Conn(RequestReader, asyncio.Protocol):
         req = self.queue[0]
         if up.started:
             self._close(abort=True)  # the client must see its response was cut short
-        elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT:
+        elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT \
+                and req.head.partition(b" ")[0] in SAFE_METHODS:
             # A kept-alive connection the color closed as the request went out: nothing was
-            # read, nothing answered; send it again on a new connection.
+            # read, nothing answered; send it again on a new connection. Only a safe method:
+            # the app may have acted on anything else before closing (RFC 9110 §9.2.2).
             self._release()
             req.out = [req.head]
             self._pump()

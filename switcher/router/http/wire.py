@@ -67,6 +67,9 @@ CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 # Never removed because a Connection header names them.
 KEPT = frozenset({b"", b"host", b"content-length"})
+# Methods whose request may be sent again when a kept-alive connection to the color closed
+# before it answered (bodiless ones only): the app cannot have changed anything.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # Request kinds: how the response is framed, and whether it may become a tunnel.
 PLAIN, HEAD, UPGRADE_REQUEST, CONNECT = range(4)
 
