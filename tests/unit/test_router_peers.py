@@ -242,3 +242,24 @@ def test_a_safe_bodiless_request_is_sent_again_on_a_new_connection(
         c.sendall(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
         assert status(read_response(c)[0]) == 200
     assert color.all_bytes.count(b"GET /again") == 2
+
+
+# -- 5. forwarding headers in every spelling ---------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "X_Forwarded_For", "x_forwarded_for", "X-Forwarded-Host", "X_Forwarded_Proto",
+    "X-Real-IP", "X_Real_Ip", "FORWARDED", "X-Forwarded-Port",
+])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "slow"])
+def test_forwarding_headers_in_any_spelling_from_an_untrusted_peer_are_dropped(
+        start: Callable[..., tuple[Router, ScriptedColor]], name: str, fast: bool) -> None:
+    r, color = start(serve_ok)
+    extra = "" if fast else "Accept-Encoding: x\r\nTransfer-Encoding: chunked\r\n"
+    body = b"" if fast else b"0\r\n\r\n"
+    with client(r) as c:
+        c.sendall(f"POST / HTTP/1.1\r\nHost: t\r\n{extra}{name}: 6.6.6.6\r\n\r\n".encode()
+                  + body)
+        assert status(read_response(c)[0]) == 200
+    received = color.all_bytes
+    assert b"6.6.6.6" not in received
+    assert b"X-Forwarded-For: 127.0.0.1\r\n" in received

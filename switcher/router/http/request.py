@@ -14,7 +14,9 @@ and what it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Transfer-Enco
 ``Upgrade``) are dropped and the router writes its own; chunked bodies are re-chunked
 (extensions and trailers dropped). ``X-Forwarded-For``, ``X-Forwarded-Proto`` and
 ``Forwarded`` are added; incoming ones are kept (and appended to) only from
-``trusted_proxies``, else replaced.
+``trusted_proxies``, else replaced; from any other peer, every header whose name
+normalizes (case, ``_`` for ``-``) to ``X-Forwarded-*``, ``Forwarded`` or ``X-Real-IP`` is
+dropped.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from switcher.router.http.wire import (
     bad_request,
     drop_named,
     forwarding,
+    is_forwarding,
 )
 
 _now = time.monotonic
@@ -176,6 +179,8 @@ class RequestReader:
             if key in REQUEST_WATCH:
                 self._watched(key, value)
                 return
+        if name[:1] in b"xXfF" and not self.trusted and is_forwarding(name):
+            return  # X-Real-IP, X-Forwarded-Host, X_Forwarded_For…: the client's own claim
         self.hdrs += (name, SEP, value, CRLF)
 
     def _watched(self, key: bytes, value: bytes) -> None:

@@ -95,8 +95,8 @@ FAST_REQUEST = re.compile(
     rb"%s(?i:host):[\t\x20-\x7e\x80-\xff]*\r\n%s\r\n" % ((MAX_REQUEST_LINE - 20,) + (
         _OTHER % (b"hHcCtTkKpPuUeExXfF", _FIELD,
                   b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
-                  b"|proxy-connection|upgrade|expect|x-forwarded-for|x-forwarded-proto"
-                  b"|forwarded", _FIELD),) * 2))
+                  b"|proxy-connection|upgrade|expect|forwarded|x[-_]real[-_]ip"
+                  b"|x[-_]forwarded[-_][!#$%&'*+\\-.^_`|~0-9A-Za-z]*", _FIELD),) * 2))
 # "Connection: keep-alive" (nginx sends it on every response) only restates what HTTP/1.1
 # means anyway, so it may pass as it is; any other Connection header takes the slow path.
 _RESPONSE_OTHER = (
@@ -106,6 +106,13 @@ _RESPONSE_OTHER = (
 FAST_RESPONSE = re.compile(
     rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*+\r\n"
     rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((_RESPONSE_OTHER,) * 2))
+
+
+def is_forwarding(name: bytes) -> bool:
+    """Whether a request header names a forwarding header, spelled in any case and with
+    ``_`` for ``-`` (WSGI servers read ``X_Forwarded_For`` as ``X-Forwarded-For``)."""
+    key = name.lower().replace(b"_", b"-")
+    return key.startswith(b"x-forwarded-") or key in (b"forwarded", b"x-real-ip")
 
 
 def forwarding(peer: str, xff: bytes | None, xfp: bytes | None, fwd: bytes | None) -> bytes:
