@@ -263,3 +263,54 @@ def test_forwarding_headers_in_any_spelling_from_an_untrusted_peer_are_dropped(
     received = color.all_bytes
     assert b"6.6.6.6" not in received
     assert b"X-Forwarded-For: 127.0.0.1\r\n" in received
+
+
+# -- 6. transfer codings a color adds ----------------------------------------------------------
+
+def gzip_chunked(peer: Peer) -> None:
+    peer.head()
+    peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+              b"4\r\nGZIP\r\n0\r\n\r\n")
+    serve_ok(peer)
+
+
+def test_a_transfer_coding_besides_chunked_reaches_the_client(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, _ = start(gzip_chunked)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        buf = b""
+        while not buf.endswith(b"0\r\n\r\n"):
+            data = c.recv(65536)
+            assert data, buf
+            buf += data
+    head = buf.partition(b"\r\n\r\n")[0].lower()
+    assert b"transfer-encoding: gzip, chunked" in head
+
+
+def test_a_transfer_coding_an_http10_client_cannot_read_is_a_502(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, _ = start(gzip_chunked)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
+        head, _ = read_response(c)
+    assert status(head) == 502
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked, gzip\r\n\r\n4\r\nGZIP\r\n0\r\n\r\n",
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\nGZIP\r\n0\r\n\r\n",
+])
+def test_bad_response_framing_before_any_byte_reached_the_client_is_a_502(
+        start: Callable[..., tuple[Router, ScriptedColor]], framing: bytes) -> None:
+    def broken(peer: Peer) -> None:
+        peer.head()
+        peer.send(b"HTTP/1.1 200 OK\r\n" + framing)
+        with contextlib.suppress(OSError):
+            peer.head()
+
+    r, _ = start(broken, serve_ok)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, _ = read_response(c)
+    assert status(head) == 502

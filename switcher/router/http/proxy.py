@@ -628,13 +628,17 @@ class Upstream(ResponseReader, asyncio.Protocol):
         if req.fast and req.done and not self.seen and self._fast(data):
             return
         self.seen = True
+        began = self.started  # whether any of this response reached the client before
         try:
-            if req.kind != PLAIN and not self.started:
+            if req.kind != PLAIN and not began:
                 self._head_first(data)
             else:
                 self.parser.feed_data(data)
         except (HttpParserError, Unsolicited):
             if not self.done:
+                if not began:  # its head is still ours: the client gets a 502 instead
+                    self.started = False
+                    self.out.clear()
                 self._broken()
                 return
             self.keep = False  # bytes after a whole response: relay it, drop the connection

@@ -127,8 +127,8 @@ class ResponseReader:
             if req.http10:
                 return  # HTTP/1.0 clients get no 1xx
         else:
+            self.framing = self._framing(status, req)  # may refuse: nothing sent yet
             self.started = True
-            self.framing = self._framing(status, req)
         self._send_head(hdrs)
 
     def _framing(self, status: int, req: Request) -> int:
@@ -136,11 +136,11 @@ class ResponseReader:
         hdrs = self.hdrs
         # Stopping: the last request received gets the Connection: close.
         keep = req.keep_alive and req.done and not self.last_before_stop()
+        chunked = CHUNKED
         if req.kind == HEAD or status in (204, 304):
             framing = NO_BODY
         elif self.te is not None:
-            if self.te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise Unsolicited  # a coding the router cannot frame
+            chunked = self._codings(req, self.te)
             framing = CHUNK_FRAMED
         elif self.length is not None:
             framing = LENGTH_FRAMED
@@ -150,7 +150,7 @@ class ResponseReader:
             if req.http10:
                 keep = False  # raw, and the end of the connection ends it
             else:
-                hdrs.append(CHUNKED)
+                hdrs.append(chunked)
         if req.kind >= UPGRADE_REQUEST:
             keep = False  # refused: what the client sent next was not parsed
         if not keep:
@@ -159,6 +159,19 @@ class ResponseReader:
         elif req.http10:
             hdrs.append(KEEP_ALIVE)
         return framing
+
+    @staticmethod
+    def _codings(req: Request, te: bytes) -> bytes:
+        """The Transfer-Encoding line for a body the color chunked: the codings besides
+        chunked (gzip…) stay, as the body is still encoded by them."""
+        codings, _, last = te.lower().rpartition(b",")
+        if last.strip() != b"chunked":
+            raise Unsolicited  # a coding the router cannot frame
+        if not codings.strip(b" \t,"):
+            return CHUNKED
+        if req.http10:
+            raise Unsolicited  # an HTTP/1.0 client cannot be told of them
+        return b"Transfer-Encoding: %s, chunked\r\n" % te[:len(codings)].strip()
 
     def _send_head(self, hdrs: list[bytes]) -> None:
         hdrs.insert(0, STATUS[self.status] + self.reason + CRLF)
