@@ -314,3 +314,61 @@ def test_bad_response_framing_before_any_byte_reached_the_client_is_a_502(
         c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         head, _ = read_response(c)
     assert status(head) == 502
+
+
+# -- 7. HEAD after a 1xx -----------------------------------------------------------------------
+
+def early_hints_then_head(peer: Peer) -> None:
+    while True:
+        peer.head()
+        peer.send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                  b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+
+
+def test_head_answered_with_a_1xx_then_the_final_response(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, _ = start(early_hints_then_head)
+    with client(r) as c:
+        for _ in range(2):  # and the connection still serves
+            c.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+            buf = b""
+            while buf.count(b"\r\n\r\n") < 2:
+                data = c.recv(65536)
+                assert data, buf
+                buf += data
+            interim, final, rest = buf.split(b"\r\n\r\n", 2)
+            assert status(interim) == 103
+            assert status(final) == 200
+            assert b"Content-Length: 1234" in final
+            assert rest == b""
+
+
+def test_a_body_after_a_head_answer_is_a_502(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    def head_with_body(peer: Peer) -> None:
+        peer.head()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+        with contextlib.suppress(OSError):
+            peer.head()
+
+    r, _ = start(head_with_body, serve_ok)
+    with client(r) as c:
+        c.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, _ = read_response(c, head_request=True)
+    assert status(head) == 502
+
+
+def test_a_bare_lf_head_answering_head_is_a_502_not_a_wait(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    def bare_lf(peer: Peer) -> None:
+        peer.head()
+        peer.send(b"HTTP/1.1 200 OK\nContent-Length: 4\n\n")
+        with contextlib.suppress(OSError):
+            peer.head()
+
+    r, _ = start(bare_lf, serve_ok)
+    with client(r, timeout=3) as c:
+        c.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, _ = read_response(c, head_request=True)
+    assert status(head) == 502
+

@@ -205,8 +205,8 @@ class ResponseReader:
         while True:
             end = buf.find(HEAD_END)
             if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD:
-                    raise Unsolicited
+                if len(buf) > MAX_RESPONSE_HEAD or b"\n\n" in buf:
+                    raise Unsolicited  # too long, or ended by bare LFs (llhttp refuses them)
                 self.buf = buf
                 return
             end += 4
@@ -219,9 +219,9 @@ class ResponseReader:
             except HttpParserError:
                 if not self.opened:  # llhttp also "fails" on a 101 without Upgrade
                     raise
-            if not self.interim:
+            if self.opened or self.status >= 200:
                 break
-            self.interim = False  # a 1xx before the final answer
+            self.interim = False  # a 1xx before the final answer: read the next head
         self.buf = b""
         if self.opened:
             if buf:
