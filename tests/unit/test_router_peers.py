@@ -20,7 +20,7 @@ import pytest
 from switcher import state as files
 from switcher.model import Color
 from tests.ports import port_block
-from tests.routerkit import Router, blue_live, write_settings
+from tests.routerkit import Router, blue_live, wait_for, write_settings
 
 _ports = itertools.cycle(port_block(__name__, 30))
 
@@ -242,6 +242,73 @@ def test_a_safe_bodiless_request_is_sent_again_on_a_new_connection(
         c.sendall(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
         assert status(read_response(c)[0]) == 200
     assert color.all_bytes.count(b"GET /again") == 2
+
+
+# -- 3. slow bodies and slow colors -----------------------------------------------------------
+
+def reads_forever(peer: Peer) -> None:
+    peer.head()
+    while data := peer.sock.recv(65536):
+        peer.record(data)
+
+
+def test_a_stalled_request_body_gets_408_and_frees_both_connections(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, color = start(reads_forever, body_timeout=0.5, header_timeout=5, idle_timeout=5)
+    clients = [client(r) for _ in range(20)]
+    try:
+        for c in clients:
+            c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n"
+                      b"0123456789")
+        for c in clients:
+            head, _ = read_response(c)
+            assert status(head) == 408
+            assert c.recv(1) == b""  # then closed
+        wait_for(lambda: not color.open, what="every color connection to close")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_color_that_does_not_start_its_answer_gets_504_counted_as_a_failure(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, color = start(reads_forever, response_timeout=0.5)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")  # the fast path
+        assert status(read_response(c)[0]) == 504
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")  # the slow one
+        assert status(read_response(c)[0]) == 504
+    assert r.control({"cmd": "status"})["errors"]["blue"] == 2
+    wait_for(lambda: not color.open, what="the color connections to close")
+
+
+def test_a_body_held_back_by_a_color_that_does_not_read_is_not_timed_out(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    release = threading.Event()
+
+    def slow_reader(peer: Peer) -> None:
+        head = peer.head()
+        release.wait(10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got = len(peer.buf)
+        while got < length:
+            data = peer.sock.recv(1 << 20)
+            if not data:
+                return
+            got += len(data)
+        ok(peer)
+
+    r, _ = start(slow_reader, body_timeout=0.5)
+    size = 64 << 20
+    with client(r, timeout=10) as c:
+        c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        sender = threading.Thread(target=c.sendall, args=(b"x" * size,), daemon=True)
+        sender.start()
+        time.sleep(1.5)  # three body_timeouts while the color reads nothing
+        release.set()
+        sender.join(10)
+        assert status(read_response(c)[0]) == 200
 
 
 # -- 5. forwarding headers in every spelling ---------------------------------------------------

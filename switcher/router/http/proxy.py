@@ -53,6 +53,7 @@ from switcher.model import Color
 from switcher.router.http.request import Limits, Reject, Request, RequestReader
 from switcher.router.http.response import ResponseReader, Unsolicited
 from switcher.router.http.wire import (
+    BODY_TIMEOUT,
     BROKEN,
     CONNECT,
     CRLF,
@@ -66,6 +67,7 @@ from switcher.router.http.wire import (
     NO_LIVE_COLOR,
     PLAIN,
     REQUEST_TIMEOUT,
+    RESPONSE_TIMEOUT,
     SAFE_METHODS,
     TOO_MANY,
     UNREACHABLE,
@@ -180,6 +182,7 @@ class Conn(RequestReader, asyncio.Protocol):
         req = Request()
         req.ready = req.done = req.fast = True
         req.head = head = data[:-2] + self.fwd_end
+        self.since = _now()  # response_timeout runs from here
         self.queue.append(req)
         up, backend = self.up, self.routes.live
         if up is not None and backend is not None and up.backend is backend and \
@@ -392,8 +395,14 @@ class Conn(RequestReader, asyncio.Protocol):
         return None if backend is None else backend.color
 
     def check(self, now: float) -> None:
-        """Apply header_timeout and idle_timeout (called by the router's sweep)."""
-        if self.closing or self.dead or self.backend is not None or self.tunnel:
+        """Apply the timeouts (called by the router's sweep): header_timeout and
+        idle_timeout between requests, body_timeout and response_timeout in flight."""
+        if self.closing or self.tunnel:
+            return
+        if self.backend is not None:
+            self._check_in_flight(now)
+            return
+        if self.dead:
             return
         queue = self.queue
         if self.stopping and not queue and now - self.since > STOP_IDLE:
@@ -408,6 +417,24 @@ class Conn(RequestReader, asyncio.Protocol):
                     self._close()  # not a byte of a request: nothing to answer
         elif now - self.since > self.limits.idle_timeout:
             self._close()
+
+    def _check_in_flight(self, now: float) -> None:
+        """``since`` is when the client last sent body bytes, or when its request ended."""
+        queue = self.queue
+        if not queue or self.lingering:
+            return
+        req, up = queue[0], self.up
+        if not req.done:
+            # Only while the client is read: a color that does not read holds the body back.
+            if not self.paused and now - self.since > self.limits.body_timeout:
+                if up is not None and up.started:
+                    self._close(abort=True)  # its answer had begun: no room for ours
+                else:
+                    self._fail(BODY_TIMEOUT)
+        elif (up is None or not up.seen) and now - self.since > self.limits.response_timeout:
+            backend = cast(Backend, self.backend)
+            backend.errors += 1
+            self._fail(RESPONSE_TIMEOUT)
 
     def leave_idle(self, live: Backend | None) -> None:
         """After a switch: end an idle connection to a color that is no longer live."""
@@ -541,6 +568,8 @@ class Conn(RequestReader, asyncio.Protocol):
             pause = self.up_full or up is None or up.request is not queue[0]
         if pause != self.paused:
             self.paused = pause
+            if not pause:
+                self.since = _now()  # body_timeout counts only while the client is read
             if pause:
                 self.transport.pause_reading()
             else:

@@ -72,6 +72,8 @@ class Limits:
     idle_timeout: float
     max_header_bytes: int
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    body_timeout: float = 60.0
+    response_timeout: float = 60.0
 
     @classmethod
     def from_settings(cls, settings: RouterSettings) -> Limits:
@@ -83,7 +85,7 @@ class Limits:
                 log("warning", f"trusted_proxies: {entry!r} is not an address or network; "
                                "ignored (its X-Forwarded-For will not be trusted)")
         return cls(settings.header_timeout, settings.idle_timeout, settings.max_header_bytes,
-                   tuple(trusted))
+                   tuple(trusted), settings.body_timeout, settings.response_timeout)
 
     def trusts(self, host: str) -> bool:
         if not self.trusted:
@@ -263,6 +265,7 @@ class RequestReader:
             req.body = self.length.strip(b"0") != b""
 
     def on_body(self, body: bytes) -> None:
+        self.since = _now()  # body_timeout: the client is sending
         req = cast(Request, self.req)
         if req.chunked:
             req.out += (b"%x\r\n" % len(body), body, CRLF)
@@ -274,6 +277,7 @@ class RequestReader:
         if req.chunked:
             req.out.append(LAST_CHUNK)
         req.done = True
+        self.since = _now()  # response_timeout runs from here
         self.req = None
 
     def _forwarding(self) -> bytes:

@@ -47,6 +47,8 @@ NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
 TOO_MANY = http_error("503 Service Unavailable", "too many connections")
 UNREACHABLE = http_error("502 Bad Gateway", "the live color could not be reached")
 BROKEN = http_error("502 Bad Gateway", "the live color sent an invalid response")
+BODY_TIMEOUT = http_error("408 Request Timeout", "the request body stalled")
+RESPONSE_TIMEOUT = http_error("504 Gateway Timeout", "the live color did not answer in time")
 DRAIN_OVER = http_error("504 Gateway Timeout", "no response before the drain time ended")
 
 # Request headers the router reads or replaces; header names of other lengths are never
