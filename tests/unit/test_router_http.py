@@ -670,7 +670,7 @@ def test_upgrade_becomes_a_tunnel_pinned_to_its_color_until_the_drain_ends(
         router: Callable[..., Router], colors: dict[Color, Color_]) -> None:
     r = router()
     with Client(r.port) as ws:
-        ws.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+        ws.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                 b"early\n")  # sent before the 101: held, then delivered through the tunnel
         answer = ws.response()
         assert answer.status == 101
@@ -691,7 +691,7 @@ def test_upgrade_becomes_a_tunnel_pinned_to_its_color_until_the_drain_ends(
 
 
 def test_connect_becomes_a_tunnel(router: Callable[..., Router]) -> None:
-    r = router()
+    r = router(tunnels=("websocket", "connect"))
     with Client(r.port) as c:
         c.send(b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n")
         assert c.response(head_request=True).status == 200
@@ -707,7 +707,7 @@ def test_a_refused_upgrade_is_an_ordinary_response_then_the_end(
     r = router()
     with Client(r.port) as c:
         c.send(b"GET /reject-upgrade HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\n"
-               b"Upgrade: echo\r\n\r\n")
+               b"Upgrade: websocket\r\n\r\n")
         answer = c.response()
         assert (answer.status, answer.body) == (426, b"nope")
         assert answer.headers["connection"] == "close"

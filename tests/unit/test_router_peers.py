@@ -311,6 +311,83 @@ def test_a_body_held_back_by_a_color_that_does_not_read_is_not_timed_out(
         assert status(read_response(c)[0]) == 200
 
 
+# -- 4. tunnels --------------------------------------------------------------------------------
+
+def tunnel_echo(peer: Peer) -> None:
+    head = peer.head()
+    if head.startswith(b"CONNECT"):
+        peer.send(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    else:
+        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n")
+    while data := peer.sock.recv(65536):
+        peer.record(data)
+        peer.send(data)
+
+
+def test_connect_is_refused_unless_tunnels_allow_it(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, color = start(tunnel_echo)
+    with client(r) as c:
+        c.sendall(b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n")
+        assert status(read_response(c)[0]) == 405
+    assert color.connections == 0
+
+
+@pytest.mark.parametrize("target", [b"/", b"example"])
+def test_connect_needs_an_authority_target(
+        start: Callable[..., tuple[Router, ScriptedColor]], target: bytes) -> None:
+    r, color = start(tunnel_echo, tunnels=("websocket", "connect"))
+    with client(r) as c:
+        c.sendall(b"CONNECT %s HTTP/1.1\r\nHost: example:443\r\n\r\n" % target)
+        assert status(read_response(c)[0]) == 400
+    assert color.connections == 0
+
+
+def test_connect_is_a_tunnel_when_allowed(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, _ = start(tunnel_echo, tunnels=("websocket", "connect"))
+    with client(r) as c:
+        c.sendall(b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n")
+        assert status(read_response(c, head_request=True)[0]) == 200
+        c.sendall(b"raw bytes")
+        assert c.recv(100) == b"raw bytes"
+
+
+@pytest.mark.parametrize(("tunnels", "offered"), [
+    (("websocket",), b"h2c"),
+    (("websocket", "h2c"), b"h2c"),  # never, whatever the settings say
+    (("websocket",), b"echo"),
+])
+def test_an_upgrade_to_a_protocol_not_allowed_goes_as_an_ordinary_request(
+        start: Callable[..., tuple[Router, ScriptedColor]], tunnels: tuple[str, ...],
+        offered: bytes) -> None:
+    r, color = start(tunnel_echo, tunnels=tunnels)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                  b"Upgrade: %s\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                  b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" % offered)
+        head, _ = read_response(c, head_request=True)
+        assert status(head) == 502  # the color's 101 answered nothing it was asked
+    received = color.all_bytes
+    assert received.startswith(b"GET / HTTP/1.1\r\n")
+    assert b"upgrade" not in received.lower()
+    assert b"HTTP2-Settings" not in received
+    assert b"PRI *" not in received
+
+
+def test_an_upgrade_to_an_allowed_protocol_is_a_tunnel(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    r, color = start(tunnel_echo)
+    with client(r) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: h2c, WebSocket\r\n\r\n")
+        assert status(read_response(c, head_request=True)[0]) == 101
+        c.sendall(b"frame")
+        assert c.recv(100) == b"frame"
+    assert b"Upgrade: WebSocket\r\n" in color.all_bytes
+
+
 # -- 5. forwarding headers in every spelling ---------------------------------------------------
 
 @pytest.mark.parametrize("name", [

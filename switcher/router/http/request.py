@@ -7,7 +7,11 @@ repeated or invalid Content-Length, bad chunk sizes, obs-fold and bare LF):
   → 431 (httptools has no limit at all); versions other than 1.0/1.1 → 505;
 - HTTP/1.1 without ``Host``, or any request with two → 400;
 - ``Transfer-Encoding`` other than exactly ``chunked`` (or any in HTTP/1.0) → 400;
-- an ``Upgrade``/``CONNECT`` request announcing a body → 400.
+- an ``Upgrade``/``CONNECT`` request announcing a body → 400;
+- ``CONNECT`` → 405 unless ``router.tunnels`` holds ``"connect"``, and 400 without a
+  ``host:port`` target; ``Upgrade`` is forwarded only for the protocols in
+  ``router.tunnels`` (``h2c`` never: its frames would bypass every rule here); a request
+  offering none of them goes as an ordinary one, its connection's last.
 
 A head is rebuilt on the way out: it keeps its version; hop-by-hop headers (``Connection``
 and what it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Transfer-Encoding``,
@@ -41,6 +45,8 @@ from switcher.router.http.wire import (
     KEEP_ALIVE,
     LAST_CHUNK,
     MAX_REQUEST_LINE,
+    METHOD_NOT_ALLOWED,
+    NOT_UPGRADED,
     PLAIN,
     REQUEST_LENGTHS,
     REQUEST_WATCH,
@@ -74,6 +80,8 @@ class Limits:
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     body_timeout: float = 60.0
     response_timeout: float = 60.0
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})  # never h2c
+    connect: bool = False
 
     @classmethod
     def from_settings(cls, settings: RouterSettings) -> Limits:
@@ -84,8 +92,16 @@ class Limits:
             except ValueError:
                 log("warning", f"trusted_proxies: {entry!r} is not an address or network; "
                                "ignored (its X-Forwarded-For will not be trusted)")
+        tunnels = {t.lower().encode() for t in settings.tunnels}
         return cls(settings.header_timeout, settings.idle_timeout, settings.max_header_bytes,
-                   tuple(trusted), settings.body_timeout, settings.response_timeout)
+                   tuple(trusted), settings.body_timeout, settings.response_timeout,
+                   frozenset(tunnels - {b"connect", b"h2c"}), b"connect" in tunnels)
+
+    def tunnelled(self, upgrade: bytes) -> bytes:
+        """The protocols of an Upgrade header that may be tunnelled (b"": none)."""
+        offered = [p.strip() for p in upgrade.split(b",")]
+        return b", ".join(p for p in offered
+                          if p.partition(b"/")[0].lower() in self.upgrades)
 
     def trusts(self, host: str) -> bool:
         if not self.trusted:
@@ -223,10 +239,16 @@ class RequestReader:
             if req.body:
                 raise Reject(bad_request("an Upgrade or CONNECT request cannot have a body"))
             if method == b"CONNECT":
+                self._check_connect()
                 req.kind = CONNECT
-            else:
+            elif protocols := self.limits.tunnelled(self.upgrade):
                 req.kind = UPGRADE_REQUEST
-                hdrs += (UPGRADE, self.upgrade, CRLF)
+                hdrs += (UPGRADE, protocols, CRLF)
+            else:
+                # No protocol it may tunnel: an ordinary request, and the connection's last
+                # (the parser stops at an Upgrade: what follows is never read).
+                req.kind = NOT_UPGRADED
+                hdrs.append(CLOSE)
         else:
             if method == b"HEAD":
                 req.kind = HEAD
@@ -245,6 +267,12 @@ class RequestReader:
         req.head = head = b"".join(hdrs)
         req.out.append(head)
         req.ready = True
+
+    def _check_connect(self) -> None:
+        if not self.limits.connect:
+            raise Reject(METHOD_NOT_ALLOWED)
+        if self.url.startswith(b"/") or b":" not in self.url:
+            raise Reject(bad_request("CONNECT needs a host:port target"))
 
     def _check_head(self, req: Request, version: str) -> None:
         """What llhttp lets through and the router does not: see the module docstring."""

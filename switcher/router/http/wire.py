@@ -43,6 +43,7 @@ URI_TOO_LONG = http_error("414 URI Too Long", f"request line longer than {MAX_RE
 HEADERS_TOO_LARGE = http_error("431 Request Header Fields Too Large", "headers too large")
 REQUEST_TIMEOUT = http_error("408 Request Timeout", "request headers took too long")
 VERSION_NOT_SUPPORTED = http_error("505 HTTP Version Not Supported", "HTTP/1.0 and 1.1 only")
+METHOD_NOT_ALLOWED = http_error("405 Method Not Allowed", "CONNECT is not allowed here")
 NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
 TOO_MANY = http_error("503 Service Unavailable", "too many connections")
 UNREACHABLE = http_error("502 Bad Gateway", "the live color could not be reached")
@@ -73,7 +74,8 @@ KEPT = frozenset({b"", b"host", b"content-length"})
 # before it answered (bodiless ones only): the app cannot have changed anything.
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 # Request kinds: how the response is framed, and whether it may become a tunnel.
-PLAIN, HEAD, UPGRADE_REQUEST, CONNECT = range(4)
+# NOT_UPGRADED: an Upgrade the router does not tunnel, sent as an ordinary request.
+PLAIN, HEAD, UPGRADE_REQUEST, CONNECT, NOT_UPGRADED = range(5)
 
 # Response framings, in this order (CHUNK and EOF are re-chunked for HTTP/1.1 clients).
 NO_BODY, LENGTH_FRAMED, CHUNK_FRAMED, EOF_FRAMED = range(4)
