@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import resource
 import socket
 import threading
 import time
@@ -516,3 +518,45 @@ def test_a_bare_lf_head_answering_head_is_a_502_not_a_wait(
         head, _ = read_response(c, head_request=True)
     assert status(head) == 502
 
+
+
+# -- 8. memory of closed connections -----------------------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_memory_of_closed_connections_comes_back_without_the_cycle_collector(
+        start: Callable[..., tuple[Router, ScriptedColor]]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    try:
+        r, _ = start(serve_ok, header_timeout=60, idle_timeout=60)
+        pid = r.proc.pid
+        idle = open_fds(pid)
+        unfinished = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n"
+        after = []
+        for _ in range(6):
+            clients = [client(r) for _ in range(1000)]
+            try:
+                for c in clients:
+                    for _ in range(60):
+                        c.sendall(unfinished[:1024])
+                wait_for(lambda: open_fds(pid) >= idle + 1000, timeout=20,
+                         what="the router to accept every connection")
+            finally:
+                for c in clients:
+                    c.close()
+            wait_for(lambda: open_fds(pid) <= idle, timeout=20,
+                     what="the router to close every connection")
+            after.append(rss_mib(pid))
+        assert max(after) - after[0] < 30, f"router RSS after each round, MiB: {after}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -215,6 +215,10 @@ class Conn(RequestReader, asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close(abort=exc is not None)
         self.routes.gone(self)
+        # The parser holds our bound methods, and we hold it: without this, the memory of
+        # a closed connection (an unfinished head: up to max_header_bytes) would come back
+        # only when the cycle collector runs.
+        del self.parser
 
     def pause_writing(self) -> None:
         self.client_full = True
@@ -734,6 +738,7 @@ class Upstream(ResponseReader, asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.conn.upstream_lost(self, exc)
+        del self.parser  # the same cycle as Conn's (see Conn.connection_lost)
 
     def pause_writing(self) -> None:
         self.conn.upstream_full(True)
