@@ -76,6 +76,9 @@ class Router:
     idle_timeout: float = 75.0
     max_header_bytes: int = 65536
     trusted_proxies: list[str] = field(default_factory=list)
+    body_timeout: float = 60.0
+    response_timeout: float = 60.0
+    tunnels: list[str] = field(default_factory=lambda: ["websocket"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,6 +403,8 @@ def _validate_positive(path: str, key: str, env: Environment) -> None:
         ("router.header_timeout", env.router.header_timeout),
         ("router.idle_timeout", env.router.idle_timeout),
         ("router.max_header_bytes", env.router.max_header_bytes),
+        ("router.body_timeout", env.router.body_timeout),
+        ("router.response_timeout", env.router.response_timeout),
     ]
     for name, value in checks:
         if value <= 0:
@@ -439,6 +444,11 @@ def _validate_enums(path: str, key: str, env: Environment) -> None:
             raise ConfigError(path, f"{key}.router.trusted_proxies", f"{proxy!r} is not an "
                               "address or network", "write e.g. [\"10.0.0.1\", \"192.168.0.0/16\"]"
                               ) from None
+    for tunnel in env.router.tunnels:
+        if tunnel.lower() == "h2c" or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", tunnel):
+            raise ConfigError(path, f"{key}.router.tunnels", f"{tunnel!r} cannot be tunnelled",
+                              "list Upgrade protocols such as \"websocket\", or \"connect\" to "
+                              "allow CONNECT (h2c never: it would bypass every request rule)")
 
 
 def _validate_strings(path: str, key: str, env: Environment) -> None:

@@ -24,7 +24,8 @@ The router's settings file ``router.json`` (written by ``install``)::
      "backlog": 4096, "max_connections": 10000, "restart_drain": 1.0,
      "header_timeout": 10.0, "idle_timeout": 75.0, "max_header_bytes": 65536,
      "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
-     "control_group": ""}
+     "control_group": "", "body_timeout": 60.0, "response_timeout": 60.0,
+     "tunnels": ["websocket"]}
 """
 
 from __future__ import annotations
@@ -179,6 +180,9 @@ class RouterSettings:
     max_header_bytes: int = 65536
     trusted_proxies: tuple[str, ...] = ()
     control_group: str = ""
+    body_timeout: float = 60.0
+    response_timeout: float = 60.0
+    tunnels: tuple[str, ...] = ("websocket",)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -189,6 +193,8 @@ class RouterSettings:
             "header_timeout": self.header_timeout, "idle_timeout": self.idle_timeout,
             "max_header_bytes": self.max_header_bytes,
             "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
+            "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
+            "tunnels": list(self.tunnels),
         }
 
     @classmethod
@@ -203,4 +209,7 @@ class RouterSettings:
             max_header_bytes=int(raw["max_header_bytes"]),
             trusted_proxies=tuple(raw.get("trusted_proxies", ())),
             control_group=str(raw.get("control_group", "")),
+            body_timeout=float(raw.get("body_timeout", 60.0)),
+            response_timeout=float(raw.get("response_timeout", 60.0)),
+            tunnels=tuple(str(t) for t in raw.get("tunnels", ("websocket",))),
         )

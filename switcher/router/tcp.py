@@ -11,59 +11,37 @@ Until the color accepts, the client's first bytes are held back: nothing has gon
 so a refused connection can still be sent to the fallback color.
 
 Both uvloop and asyncio set TCP_NODELAY on every TCP transport they create or accept.
+A Link never writes a byte of its own into the stream: a client turned away (no live color,
+too many connections, no color reachable) is closed, whatever mode the router is in by then.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, cast
+from typing import cast
 
 from switcher.model import Color
+from switcher.router.routes import Backend, Routes
 
 # Colors listen on the same host: a connect either completes or is refused at once, unless
 # the color is stuck (its accept queue full), where the kernel would retry SYNs for minutes.
 CONNECT_TIMEOUT = 10.0
 # Client bytes held while the color connects; beyond this the client is not read further.
 HOLD_LIMIT = 256 * 1024
-# After turning a client away, seconds to wait for its EOF before closing (see refuse()).
-LINGER = 2.0
-
-
-def http_error(status: str, text: str) -> bytes:
-    body = f"{text}\n".encode()
-    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
-
-
-NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
-TOO_MANY = http_error("503 Service Unavailable", "too many connections")
-UNREACHABLE = http_error("502 Bad Gateway", "the live color could not be reached")
-
-
-class Routes(Protocol):
-    """What a connection asks of the router (:class:`switcher.router.server.Router`)."""
-
-    loop: asyncio.AbstractEventLoop
-
-    def admit(self, link: Link) -> None: ...
-    def retry(self, link: Link) -> tuple[str, int] | None: ...
-    def connected(self, link: Link) -> None: ...
-    def failed(self, link: Link) -> None: ...
-    def closed(self, link: Link) -> None: ...
 
 
 class Link(asyncio.Protocol):
-    """The client side of one connection. The router sets ``color`` and ``tried``."""
+    """The client side of one connection, on the color of ``backend`` (its account)."""
 
-    __slots__ = ("client_eof", "closing", "color", "connecting", "held", "held_paused",
-                 "held_size", "linger", "routes", "timed_out", "transport", "tried", "upstream",
+    __slots__ = ("backend", "client_eof", "closing", "connecting", "held", "held_paused",
+                 "held_size", "routes", "timed_out", "transport", "tried", "upstream",
                  "upstream_eof")
 
     def __init__(self, routes: Routes) -> None:
         self.routes = routes
         self.transport: asyncio.Transport
         self.upstream: asyncio.Transport | None = None
-        self.color: Color | None = None
+        self.backend: Backend | None = None
         self.tried: list[Color] = []
         self.connecting: asyncio.Task[None] | None = None
         self.timed_out = False  # the color did not accept within CONNECT_TIMEOUT
@@ -73,19 +51,24 @@ class Link(asyncio.Protocol):
         self.client_eof = False
         self.upstream_eof = False
         self.closing = False
-        self.linger: asyncio.TimerHandle | None = None
 
     # -- the client's transport --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.routes.admit(self)
+        routes = self.routes
+        live = routes.live
+        if live is None or not routes.accept(self):
+            self.close()  # no live color yet, or too many connections
+            return
+        self._assign(live)
+        self.connecting = routes.loop.create_task(self._connect(live))
 
     def data_received(self, data: bytes) -> None:
         upstream = self.upstream
         if upstream is not None:
             upstream.write(data)
-        elif self.color is not None:
+        elif self.backend is not None:
             self._hold(data)
         # else: turned away; what the client still sends is read and dropped
 
@@ -98,14 +81,13 @@ class Link(asyncio.Protocol):
             else:
                 upstream.write_eof()
             return True
-        return self.color is not None  # connecting: EOF goes upstream once connected
+        return self.backend is not None  # connecting: EOF goes upstream once connected
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
-        if self.linger is not None:
-            self.linger.cancel()
         self.close(abort=exc is not None)
-        self.routes.closed(self)
+        self._forget()
+        self.routes.gone(self)
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -115,27 +97,24 @@ class Link(asyncio.Protocol):
         if self.upstream is not None and not self.upstream_eof:
             self.upstream.resume_reading()
 
-    # -- called by the router ----------------------------------------------------------------
+    # -- called by the routing table --------------------------------------------------------
 
-    def forward(self, address: tuple[str, int]) -> None:
-        self.connecting = self.routes.loop.create_task(self._connect(address))
+    @property
+    def busy_on(self) -> Color | None:
+        backend = self.backend
+        return None if backend is None else backend.color
 
-    def refuse(self, response: bytes | None) -> None:
-        """Turn the client away: close it (tcp), or answer ``response`` and close (http).
+    def check(self, now: float) -> None:
+        pass  # no timeouts in tcp mode
 
-        After answering, keep reading until the client's EOF (or ``LINGER`` seconds): closing
-        with unread request bytes would reset the connection, which can destroy the answer
-        before the client has read it.
-        """
-        if response is None or self.closing:
-            self.close()
-            return
-        self.transport.write(response)
-        self.transport.write_eof()
-        if self.client_eof:
-            self.close()
-        else:
-            self.linger = self.routes.loop.call_later(LINGER, self.close)
+    def leave_idle(self, live: Backend | None) -> None:
+        pass  # a connection stays with its color until it ends or its drain time is over
+
+    def stop(self) -> None:
+        pass  # open connections finish, for restart_drain
+
+    def cut(self) -> None:
+        self.close(abort=True)
 
     def close(self, abort: bool = False) -> None:
         """Close both sides (once); ``abort`` drops buffered data instead of flushing it."""
@@ -151,8 +130,23 @@ class Link(asyncio.Protocol):
 
     # -- the color's side --------------------------------------------------------------------
 
-    async def _connect(self, address: tuple[str, int]) -> None:
+    def _assign(self, backend: Backend) -> None:
+        old = self.backend
+        if old is not None:
+            old.inflight -= 1
+        backend.inflight += 1
+        self.backend = backend
+        self.tried.append(backend.color)
+
+    def _forget(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            backend.inflight -= 1
+            self.backend = None
+
+    async def _connect(self, backend: Backend) -> None:
         loop = self.routes.loop
+        address = cast(tuple[str, int], backend.address)
         while True:
             # A plain timer, not asyncio.timeout(): that costs a Timeout object, task lookups
             # and three getpid() calls per connection, 5-9% of the router's CPU per new
@@ -161,11 +155,14 @@ class Link(asyncio.Protocol):
             try:
                 await loop.create_connection(self._upstream, *address)
             except ConnectionRefusedError:
-                # Nothing was sent yet: the router may name another color (live or fallback).
-                retry = self.routes.retry(self)
-                if retry is None:
+                # Nothing was sent yet: the table may name another color (live or fallback).
+                other = self.routes.fallback(self.tried)
+                if other is None:
                     break
-                address = retry
+                backend.errors += 1
+                self._assign(other)
+                backend = other
+                address = cast(tuple[str, int], other.address)
             except asyncio.CancelledError:
                 if not self.timed_out:
                     raise  # close() while connecting
@@ -178,7 +175,9 @@ class Link(asyncio.Protocol):
             finally:
                 timer.cancel()
         self.connecting = None
-        self.routes.failed(self)
+        backend.errors += 1
+        self._forget()
+        self.close()
 
     def _connect_timed_out(self) -> None:
         if self.connecting is not None:
@@ -193,7 +192,8 @@ class Link(asyncio.Protocol):
             transport.abort()
             return
         self.upstream = transport
-        self.routes.connected(self)
+        if self.backend is not None:
+            self.backend.total += 1
         if self.held:
             if self.held_paused:
                 self.held_paused = False

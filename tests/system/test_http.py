@@ -121,7 +121,7 @@ def test_an_upgrade_session_lives_until_the_drain_ends_then_closes_cleanly(env: 
     old_build = info["live_build"]
     target = "A" if old_build != "A" else "B"
     with Client(LISTEN, timeout=10) as ws:
-        ws.send(b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+        ws.send(b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                 b"\r\n")
         assert ws.response(head_request=True).status == 101
         ws.send(b"one\n")

@@ -12,36 +12,15 @@ meanwhile: responses keep their order across a switch and a client cannot queue 
 work. Bodies stream both ways with flow control; nothing is buffered whole. A switch never
 closes a client connection.
 
-What the router adds to httptools (llhttp, strict by default: it already refuses CL+TE, a
-repeated or invalid Content-Length, bad chunk sizes, obs-fold and bare LF):
-
-- a request line beyond ``MAX_REQUEST_LINE`` → 414; headers beyond ``max_header_bytes``
-  → 431 (httptools has no limit at all); versions other than 1.0/1.1 → 505;
-- HTTP/1.1 without ``Host``, or any request with two → 400;
-- ``Transfer-Encoding`` other than exactly ``chunked`` (or any in HTTP/1.0) → 400;
-- an ``Upgrade``/``CONNECT`` request announcing a body → 400;
-- every refused request is answered and the connection closed; it is never forwarded (the
-  head goes upstream only after the whole chunk it arrived in has parsed cleanly);
-- response framing from the request it answers: httptools cannot be told a response answers
-  HEAD (MagicStack/httptools#47), so a response to HEAD, CONNECT or an Upgrade is read head
-  first (up to its blank line) by a fresh parser that is never shown what follows.
-
-Framing on the way out: requests keep their version; chunked request bodies are re-chunked
-(extensions and trailers dropped). Responses are sent as HTTP/1.1; a body the color frames
-by chunks or by closing the connection (an HTTP/1.0 app) reaches an HTTP/1.1 client
-chunked, so the client connection stays open, and an HTTP/1.0 client raw, then closed.
-1xx responses are relayed to HTTP/1.1 clients (``Expect: 100-continue`` is the app's to
-answer). Hop-by-hop headers (``Connection`` and what it names, ``Keep-Alive``,
-``Proxy-Connection``, ``TE``, ``Transfer-Encoding``, ``Upgrade``) are not forwarded; the
-router writes its own.
+Every refused request is answered and the connection closed; it is never forwarded (the
+head goes upstream only after the whole chunk it arrived in has parsed cleanly). The rules
+are :mod:`.request`'s, the response framing :mod:`.response`'s, the bytes :mod:`.wire`'s.
 
 A color that refuses the connection (nothing sent yet) is replaced by the fallback color
 of DESIGN.md, the previous live color inside its window and never a color in its health
 gate; failing that, 502. A kept-alive connection the color closed just as a bodiless
-request went out is replaced and the request sent again.
-
-``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``Forwarded`` are added to each request;
-incoming ones are kept (and appended to) only from ``trusted_proxies``, else replaced.
+request of a safe method (GET, HEAD, OPTIONS, TRACE) went out is replaced and the request sent
+again; any other gets 502, never a second copy.
 
 Upgrade (101) and CONNECT (2xx) turn the connection into a tunnel pinned to its color,
 counted in flight until it ends; after a switch the router closes it, cleanly, when the old
@@ -64,203 +43,60 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import ipaddress
-import re
 import time
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import cast
 
 import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
-from switcher.model import Color, RouterSettings
-from switcher.router.activation import log
-from switcher.router.tcp import http_error
+from switcher.model import Color
+from switcher.router.http.request import Limits, Reject, Request, RequestReader
+from switcher.router.http.response import ResponseReader, Unsolicited
+from switcher.router.http.wire import (
+    BODY_TIMEOUT,
+    BROKEN,
+    CONNECT,
+    CRLF,
+    DRAIN_OVER,
+    EOF_FRAMED,
+    FAST_REQUEST,
+    FAST_RESPONSE,
+    HEAD_END,
+    HEADERS_TOO_LARGE,
+    MAX_REQUEST_LINE,
+    NO_LIVE_COLOR,
+    PLAIN,
+    REQUEST_TIMEOUT,
+    RESPONSE_TIMEOUT,
+    SAFE_METHODS,
+    TOO_MANY,
+    UNREACHABLE,
+    bad_request,
+    forwarding,
+)
+from switcher.router.routes import Backend, Routes
 
-MAX_REQUEST_LINE = 8192
-MAX_RESPONSE_HEAD = 256 * 1024  # a color's response head beyond this is broken
 # Client bytes held while no color can take them (connecting, or before an Upgrade's 101).
 HOLD_LIMIT = 256 * 1024
 CONNECT_TIMEOUT = 10.0  # see tcp.CONNECT_TIMEOUT
-LINGER = 2.0  # seconds to read a turned-away client until its EOF (see tcp.Link.refuse)
+LINGER = 2.0  # seconds to read a turned-away client until its EOF (see Conn._linger)
 # When the router stops, a keep-alive connection idle for longer than this is closed at
 # once; one idle for less is likely sending its next request, which is answered (with
 # Connection: close) rather than raced by a close.
 STOP_IDLE = 0.25
 
-CRLF = b"\r\n"
-SEP = b": "
-HEAD_END = b"\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CHUNKED = b"Transfer-Encoding: chunked\r\n"
-CLOSE = b"Connection: close\r\n"
-KEEP_ALIVE = b"Connection: keep-alive\r\n"
-UPGRADE = b"Connection: upgrade\r\nUpgrade: "
-
-
-def bad_request(why: str) -> bytes:
-    return http_error("400 Bad Request", f"bad request: {why}")
-
-
-URI_TOO_LONG = http_error("414 URI Too Long", f"request line longer than {MAX_REQUEST_LINE}")
-HEADERS_TOO_LARGE = http_error("431 Request Header Fields Too Large", "headers too large")
-REQUEST_TIMEOUT = http_error("408 Request Timeout", "request headers took too long")
-VERSION_NOT_SUPPORTED = http_error("505 HTTP Version Not Supported", "HTTP/1.0 and 1.1 only")
-NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
-TOO_MANY = http_error("503 Service Unavailable", "too many connections")
-UNREACHABLE = http_error("502 Bad Gateway", "the live color could not be reached")
-BROKEN = http_error("502 Bad Gateway", "the live color sent an invalid response")
-DRAIN_OVER = http_error("504 Gateway Timeout", "no response before the drain time ended")
-
-# Request headers the router reads or replaces; header names of other lengths are never
-# lowercased (most are not these).
-REQUEST_WATCH = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"te", b"upgrade", b"x-forwarded-for", b"x-forwarded-proto",
-    b"forwarded",
-})
-RESPONSE_WATCH = frozenset({
-    b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-    b"proxy-connection", b"upgrade",
-})
-REQUEST_LENGTHS = frozenset(len(name) for name in REQUEST_WATCH)
-RESPONSE_LENGTHS = frozenset(len(name) for name in RESPONSE_WATCH)
-# Connection tokens that name no header to remove.
-CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-
-# Never removed because a Connection header names them.
-KEPT = frozenset({b"", b"host", b"content-length"})
-# Request kinds: how the response is framed, and whether it may become a tunnel.
-PLAIN, HEAD, UPGRADE_REQUEST, CONNECT = range(4)
-
-STATUS = {code: b"HTTP/1.1 %d " % code for code in range(100, 1000)}
-
-# The fast path: a head that arrives whole in one read and matches FAST_REQUEST (a strict
-# subset of what llhttp accepts: a known method, an origin-form target, HTTP/1.1, token
-# names, values of HTAB/SP/VCHAR/obs-text, CRLF only, exactly one Host and none of the
-# headers the router acts on) is relayed as it is plus the forwarding headers; a response
-# whose head matches FAST_RESPONSE (framed by one Content-Length alone) is relayed as it
-# is. Anything else goes through httptools. tests/unit/test_router_http.py checks that
-# llhttp reads whatever these match the same way.
-# Possessive loops (nothing is given back: a name holds no ':', a value no CR) and the
-# name lookahead only for fields whose first letter could start a watched name: the
-# response match took 1.6 us per nginx head before, 1.1 after.
-_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[\t\x20-\x7e\x80-\xff]*+\r\n"
-_OTHER = rb"(?:(?![%s])%s|(?!(?i:%s):)%s)*+"
-FAST_REQUEST = re.compile(
-    rb"(?:GET|POST|PUT|DELETE|OPTIONS|PATCH) /[\x21-\x7e]{0,%d} HTTP/1\.1\r\n"
-    rb"%s(?i:host):[\t\x20-\x7e\x80-\xff]*\r\n%s\r\n" % ((MAX_REQUEST_LINE - 20,) + (
-        _OTHER % (b"hHcCtTkKpPuUeExXfF", _FIELD,
-                  b"host|content-length|transfer-encoding|connection|keep-alive|te|trailer"
-                  b"|proxy-connection|upgrade|expect|x-forwarded-for|x-forwarded-proto"
-                  b"|forwarded", _FIELD),) * 2))
-# "Connection: keep-alive" (nginx sends it on every response) only restates what HTTP/1.1
-# means anyway, so it may pass as it is; any other Connection header takes the slow path.
-_RESPONSE_OTHER = (
-    rb"(?:(?![cCtTkKpPuU])%s|(?i:connection:[ \t]*keep-alive[ \t]*\r\n)|(?!(?i:%s):)%s)*+"
-    % (_FIELD, b"content-length|transfer-encoding|connection|keep-alive|proxy-connection"
-               b"|upgrade|trailer", _FIELD))
-FAST_RESPONSE = re.compile(
-    rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*+\r\n"
-    rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((_RESPONSE_OTHER,) * 2))
 _now = time.monotonic
 
 
-class Reject(Exception):  # noqa: N818 - not an error of the router: an answer
-    """Raised from a parser callback: answer ``response`` and close."""
-
-    def __init__(self, response: bytes) -> None:
-        super().__init__()
-        self.response = response
-
-
-class Unsolicited(Exception):  # noqa: N818
-    """A color sent a response nobody asked for."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    header_timeout: float
-    idle_timeout: float
-    max_header_bytes: int
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-    @classmethod
-    def from_settings(cls, settings: RouterSettings) -> Limits:
-        trusted = []
-        for entry in settings.trusted_proxies:
-            try:
-                trusted.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                log("warning", f"trusted_proxies: {entry!r} is not an address or network; "
-                               "ignored (its X-Forwarded-For will not be trusted)")
-        return cls(settings.header_timeout, settings.idle_timeout, settings.max_header_bytes,
-                   tuple(trusted))
-
-    def trusts(self, host: str) -> bool:
-        if not self.trusted:
-            return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted)
-
-
-class Backend:
-    """One color as http mode sees it: where it listens and what it carries."""
-
-    __slots__ = ("address", "color", "errors", "inflight", "total")
-
-    def __init__(self, color: Color, address: tuple[str, int] | None = None) -> None:
-        self.color = color
-        self.address = address
-        self.inflight = 0  # requests sent and not answered whole, and tunnels
-        self.total = 0
-        self.errors = 0
-
-
-class Routes(Protocol):
-    """What a connection asks of the router (:class:`switcher.router.server.Router`)."""
-
-    loop: asyncio.AbstractEventLoop
-    live: Backend | None  # where new requests go; None: no live color (503)
-
-    def accept(self, conn: Conn) -> bytes | None: ...
-    def fallback(self, tried: list[Color]) -> Backend | None: ...
-    def gone(self, conn: Conn) -> None: ...
-
-
-class Request:
-    """One request of a client connection, from its first byte until its response is
-    relayed whole. ``out`` holds what is still to be sent upstream."""
-
-    # Immutable defaults live on the class: one is made for every request, and the fast
-    # path sets just what differs (no __slots__: an instance then costs half as much).
-    ready = False  # head parsed and checked: it may go upstream
-    done = False  # received whole from the client
-    canned: bytes | None = None  # answer this (an error) instead, then close
-    kind = PLAIN
-    http10 = False
-    keep_alive = True
-    chunked = False
-    body = False
-    fast = False  # its response may take the fast path
-    head = b""  # as sent upstream: a bodiless request may be sent again
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-
-class Conn(asyncio.Protocol):
-    """The client side of one connection in http mode."""
+class Conn(RequestReader, asyncio.Protocol):
+    """The client side of one connection in http mode (its requests read by
+    :class:`.request.RequestReader`)."""
 
     __slots__ = (
-        "backend", "begun", "client_eof", "client_full", "closing", "connecting", "dead",
-        "fresh", "fwd", "fwd_end", "hdrs", "head_bytes", "head_chunks", "held", "held_size",
-        "hosts", "in_head", "length", "limits", "lingering", "parser", "paused", "peer", "queue",
-        "req", "routes", "since", "stopping", "te", "tokens", "transport", "trusted", "tunnel",
-        "up", "up_full", "upgrade", "upgrading", "url", "xff", "xfp", "xfwd",
+        "backend", "client_eof", "client_full", "closing", "connecting", "dead", "fresh", "fwd",
+        "fwd_end", "held", "held_size", "limits", "lingering", "parser", "paused", "peer",
+        "queue", "routes", "stopping", "transport", "trusted", "tunnel", "up", "up_full",
+        "upgrading",
     )
 
     def __init__(self, routes: Routes, limits: Limits) -> None:
@@ -269,14 +105,13 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request] = collections.deque()
-        self.req: Request | None = None  # the request being parsed
+        self.init_reader()
         self.up: Upstream | None = None  # the connection to a color, if any
         self.connecting: asyncio.Task[None] | None = None
         self.backend: Backend | None = None  # where queue[0] is in flight, if it is
         self.tunnel = False
         self.held: list[bytes] = []  # client bytes after an Upgrade/CONNECT head
         self.held_size = 0
-        self.since = _now()  # idle, or reading a head, since then
         self.fresh = True  # no request answered yet: header_timeout applies, not idle_timeout
         self.paused = self.up_full = self.client_full = self.client_eof = self.closing = False
         self.dead = False  # no further request is parsed (refused, upgrading, or the end)
@@ -286,30 +121,14 @@ class Conn(asyncio.Protocol):
         self.peer = ""
         self.trusted = False
         self.fwd = self.fwd_end = b""
-        # The head being parsed.
-        self.url = b""
-        self.hdrs: list[bytes] = []
-        self.hosts = 0
-        self.length: bytes | None = None
-        self.te: bytes | None = None
-        self.tokens: bytes | None = None
-        self.upgrade = b""
-        self.xff: bytes | None = None
-        self.xfp: bytes | None = None
-        self.xfwd: bytes | None = None
-        self.head_bytes = 0  # exact: request line and header fields seen so far
-        self.head_chunks = 0  # whole chunks read while a head was still incomplete
-        self.begun = 0  # requests begun on this connection
-        self.in_head = False
 
     # -- the client's transport --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        refusal = self.routes.accept(self)
-        if refusal is not None:
+        if not self.routes.accept(self):
             self.dead = True
-            self._linger(refusal)
+            self._linger(TOO_MANY)
             return
         peer = transport.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) else ""
@@ -363,6 +182,7 @@ class Conn(asyncio.Protocol):
         req = Request()
         req.ready = req.done = req.fast = True
         req.head = head = data[:-2] + self.fwd_end
+        self.since = _now()  # response_timeout runs from here
         self.queue.append(req)
         up, backend = self.up, self.routes.live
         if up is not None and backend is not None and up.backend is backend and \
@@ -395,6 +215,10 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._close(abort=exc is not None)
         self.routes.gone(self)
+        # The parser holds our bound methods, and we hold it: without this, the memory of
+        # a closed connection (an unfinished head: up to max_header_bytes) would come back
+        # only when the cycle collector runs.
+        del self.parser
 
     def pause_writing(self) -> None:
         self.client_full = True
@@ -407,138 +231,6 @@ class Conn(asyncio.Protocol):
         up = self.up
         if up is not None and up.transport is not None and not up.eof:
             up.transport.resume_reading()
-
-    # -- parsing requests (httptools callbacks) ----------------------------------------------
-
-    def on_message_begin(self) -> None:
-        req = Request()
-        self.req = req
-        if not self.queue:
-            self.since = _now()
-        self.queue.append(req)
-        self.begun += 1
-        self.url = self.upgrade = b""
-        self.hdrs = []
-        self.hosts = 0
-        self.length = self.te = self.tokens = self.xff = self.xfp = self.xfwd = None
-        self.head_bytes = self.head_chunks = 0
-        self.in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > MAX_REQUEST_LINE:
-            raise Reject(URI_TOO_LONG)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
-        if size > self.limits.max_header_bytes:
-            raise Reject(HEADERS_TOO_LARGE)
-        if not self.in_head:
-            return  # a trailer: dropped
-        if len(name) in REQUEST_LENGTHS:
-            key = name.lower()
-            if key in REQUEST_WATCH:
-                self._watched(key, value)
-                return
-        self.hdrs += (name, SEP, value, CRLF)
-
-    def _watched(self, key: bytes, value: bytes) -> None:
-        if key == b"host":
-            self.hosts += 1
-            self.hdrs += (b"Host", SEP, value, CRLF)
-        elif key == b"content-length":
-            if self.length is not None:
-                raise Reject(bad_request("repeated Content-Length"))
-            self.length = value
-            self.hdrs += (b"Content-Length", SEP, value, CRLF)
-        elif key == b"transfer-encoding":
-            if self.te is not None:
-                raise Reject(bad_request("repeated Transfer-Encoding"))
-            self.te = value
-        elif key == b"connection":
-            self.tokens = value if self.tokens is None else self.tokens + b"," + value
-        elif key == b"upgrade":
-            self.upgrade = value
-        elif key == b"x-forwarded-for":
-            self.xff = value if self.xff is None else self.xff + b", " + value
-        elif key == b"x-forwarded-proto":
-            self.xfp = value
-        elif key == b"forwarded":
-            self.xfwd = value if self.xfwd is None else self.xfwd + b", " + value
-        # keep-alive, proxy-connection, te: hop by hop, dropped
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        req = cast(Request, self.req)
-        parser = self.parser
-        self._check_head(req, parser.get_http_version())
-        method = parser.get_method()
-        hdrs = self.hdrs
-        if self.tokens is not None:
-            _drop_named(hdrs, self.tokens)
-        if parser.should_upgrade():
-            if req.body:
-                raise Reject(bad_request("an Upgrade or CONNECT request cannot have a body"))
-            if method == b"CONNECT":
-                req.kind = CONNECT
-            else:
-                req.kind = UPGRADE_REQUEST
-                hdrs += (UPGRADE, self.upgrade, CRLF)
-        else:
-            if method == b"HEAD":
-                req.kind = HEAD
-            req.keep_alive = keep = parser.should_keep_alive()
-            req.fast = keep and req.kind == PLAIN and not req.http10
-            if not keep:
-                if not req.http10:
-                    hdrs.append(CLOSE)
-            elif req.http10:
-                hdrs.append(KEEP_ALIVE)
-        if req.chunked:
-            hdrs.append(CHUNKED)
-        hdrs.append(self._forwarding())
-        hdrs.append(CRLF)
-        hdrs.insert(0, b"%s %s HTTP/%s\r\n" % (method, self.url, b"1.0" if req.http10 else b"1.1"))
-        req.head = head = b"".join(hdrs)
-        req.out.append(head)
-        req.ready = True
-
-    def _check_head(self, req: Request, version: str) -> None:
-        """What llhttp lets through and the router does not: see the module docstring."""
-        if version == "1.1":
-            if self.hosts != 1:
-                raise Reject(bad_request("HTTP/1.1 needs exactly one Host header"))
-        elif version == "1.0":
-            req.http10 = True
-            if self.hosts > 1:
-                raise Reject(bad_request("more than one Host header"))
-        else:
-            raise Reject(VERSION_NOT_SUPPORTED)
-        if self.te is not None:
-            if req.http10 or self.te.lower() != b"chunked":
-                raise Reject(bad_request("Transfer-Encoding must be exactly 'chunked'"))
-            req.chunked = req.body = True
-        elif self.length is not None:
-            req.body = self.length.strip(b"0") != b""
-
-    def on_body(self, body: bytes) -> None:
-        req = cast(Request, self.req)
-        if req.chunked:
-            req.out += (b"%x\r\n" % len(body), body, CRLF)
-        else:
-            req.out.append(body)
-
-    def on_message_complete(self) -> None:
-        req = cast(Request, self.req)
-        if req.chunked:
-            req.out.append(LAST_CHUNK)
-        req.done = True
-        self.req = None
-
-    def _forwarding(self) -> bytes:
-        if not self.trusted:
-            return self.fwd
-        return forwarding(self.peer, self.xff, self.xfp, self.xfwd)
 
     # -- sending requests to a color ---------------------------------------------------------
 
@@ -660,9 +352,11 @@ class Conn(asyncio.Protocol):
         req = self.queue[0]
         if up.started:
             self._close(abort=True)  # the client must see its response was cut short
-        elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT:
+        elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT \
+                and req.head.partition(b" ")[0] in SAFE_METHODS:
             # A kept-alive connection the color closed as the request went out: nothing was
-            # read, nothing answered; send it again on a new connection.
+            # read, nothing answered; send it again on a new connection. Only a safe method:
+            # the app may have acted on anything else before closing (RFC 9110 §9.2.2).
             self._release()
             req.out = [req.head]
             self._pump()
@@ -705,8 +399,14 @@ class Conn(asyncio.Protocol):
         return None if backend is None else backend.color
 
     def check(self, now: float) -> None:
-        """Apply header_timeout and idle_timeout (called by the router's sweep)."""
-        if self.closing or self.dead or self.backend is not None or self.tunnel:
+        """Apply the timeouts (called by the router's sweep): header_timeout and
+        idle_timeout between requests, body_timeout and response_timeout in flight."""
+        if self.closing or self.tunnel:
+            return
+        if self.backend is not None:
+            self._check_in_flight(now)
+            return
+        if self.dead:
             return
         queue = self.queue
         if self.stopping and not queue and now - self.since > STOP_IDLE:
@@ -721,6 +421,24 @@ class Conn(asyncio.Protocol):
                     self._close()  # not a byte of a request: nothing to answer
         elif now - self.since > self.limits.idle_timeout:
             self._close()
+
+    def _check_in_flight(self, now: float) -> None:
+        """``since`` is when the client last sent body bytes, or when its request ended."""
+        queue = self.queue
+        if not queue or self.lingering:
+            return
+        req, up = queue[0], self.up
+        if not req.done:
+            # Only while the client is read: a color that does not read holds the body back.
+            if not self.paused and now - self.since > self.limits.body_timeout:
+                if up is not None and up.started:
+                    self._close(abort=True)  # its answer had begun: no room for ours
+                else:
+                    self._fail(BODY_TIMEOUT)
+        elif (up is None or not up.seen) and now - self.since > self.limits.response_timeout:
+            backend = cast(Backend, self.backend)
+            backend.errors += 1
+            self._fail(RESPONSE_TIMEOUT)
 
     def leave_idle(self, live: Backend | None) -> None:
         """After a switch: end an idle connection to a color that is no longer live."""
@@ -854,6 +572,8 @@ class Conn(asyncio.Protocol):
             pause = self.up_full or up is None or up.request is not queue[0]
         if pause != self.paused:
             self.paused = pause
+            if not pause:
+                self.since = _now()  # body_timeout counts only while the client is read
             if pause:
                 self.transport.pause_reading()
             else:
@@ -877,43 +597,34 @@ class Conn(asyncio.Protocol):
             self.transport.close()
 
 
-class Upstream(asyncio.Protocol):
-    """The color side: one connection, one request at a time; relays each response."""
+class Upstream(ResponseReader, asyncio.Protocol):
+    """The color side: one connection, one request at a time; relays each response (read
+    by :class:`.response.ResponseReader`)."""
 
-    __slots__ = (
-        "backend", "buf", "client", "close_client", "conn", "done", "eof", "framing", "hdrs",
-        "in_head", "interim", "keep", "length", "opened", "out", "parser", "reason", "remaining",
-        "request", "seen", "served", "started", "status", "te", "tokens", "trailers",
-        "transport", "upgrade",
-    )
+    __slots__ = ("backend", "client", "conn", "eof", "out", "remaining", "request", "seen",
+                 "transport")
 
     def __init__(self, conn: Conn, backend: Backend) -> None:
         self.conn = conn
         self.backend = backend
         self.client = conn.transport
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.request: Request | None = None
         self.out: list[bytes] = []
-        self.served = 0  # requests answered whole on this connection
+        self.init_reader()
         self.eof = False
-        self.buf = b""
         self.remaining = 0  # fast path: body bytes still to relay as they come
-        self.seen = self.started = self.done = self.interim = self.opened = False
-        self.keep = self.close_client = self.in_head = False
-        self.framing = self.status = 0
-        self.reason = self.upgrade = b""
-        self.hdrs: list[bytes] = []
-        self.trailers: list[bytes] = []
-        self.length: bytes | None = None
-        self.te: bytes | None = None
-        self.tokens: bytes | None = None
+        self.seen = False
 
     def begin(self, req: Request) -> None:
         self.request = req
         self.seen = self.started = self.done = self.interim = self.opened = False
         self.keep = self.close_client = False
         self.framing = 0
+
+    def last_before_stop(self) -> bool:
+        conn = self.conn
+        return conn.stopping and len(conn.queue) == 1
 
     def reusable(self) -> bool:
         return self.transport is not None and not self.eof and not self.transport.is_closing()
@@ -945,16 +656,22 @@ class Upstream(asyncio.Protocol):
         if self.remaining:
             self._relay(data)
             return
-        if req.fast and req.done and not self.started and self._fast(data):
+        # Only on the first read of a response: once httptools has begun a head, a later
+        # read may start inside one of its values and look like a head of its own.
+        if req.fast and req.done and not self.seen and self._fast(data):
             return
         self.seen = True
+        began = self.started  # whether any of this response reached the client before
         try:
-            if req.kind != PLAIN and not self.started:
+            if req.kind != PLAIN and not began:
                 self._head_first(data)
             else:
                 self.parser.feed_data(data)
         except (HttpParserError, Unsolicited):
             if not self.done:
+                if not began:  # its head is still ours: the client gets a 502 instead
+                    self.started = False
+                    self.out.clear()
                 self._broken()
                 return
             self.keep = False  # bytes after a whole response: relay it, drop the connection
@@ -1021,164 +738,13 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.conn.upstream_lost(self, exc)
+        del self.parser  # the same cycle as Conn's (see Conn.connection_lost)
 
     def pause_writing(self) -> None:
         self.conn.upstream_full(True)
 
     def resume_writing(self) -> None:
         self.conn.upstream_full(False)
-
-    # -- parsing responses (httptools callbacks) ---------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.request is None or self.done:
-            raise Unsolicited
-        self.hdrs = []
-        self.trailers = []
-        self.length = self.te = self.tokens = None
-        self.reason = self.upgrade = b""
-        self.status = 0
-        self.in_head = True
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            self.trailers += (name, SEP, value, CRLF)
-            return
-        if len(name) in RESPONSE_LENGTHS:
-            key = name.lower()
-            if key in RESPONSE_WATCH:
-                if key == b"content-length":
-                    self.length = value
-                elif key == b"transfer-encoding":
-                    self.te = value
-                    return
-                elif key == b"connection":
-                    self.tokens = value if self.tokens is None else self.tokens + b"," + value
-                    return
-                elif key == b"upgrade":
-                    self.upgrade = value
-                    return
-                else:
-                    return  # keep-alive, proxy-connection
-        self.hdrs += (name, SEP, value, CRLF)
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        self.status = status = self.parser.get_status_code()
-        req = cast(Request, self.request)
-        hdrs = self.hdrs
-        if self.tokens is not None:
-            _drop_named(hdrs, self.tokens)
-        if status == 101 or (req.kind == CONNECT and 200 <= status < 300):
-            if req.kind != (CONNECT if status > 101 else UPGRADE_REQUEST):
-                raise Unsolicited
-            if status == 101:
-                hdrs += (UPGRADE, self.upgrade, CRLF)
-            self.opened = self.started = True  # a tunnel from the end of this head
-        elif status < 200:
-            self.interim = True
-            if req.http10:
-                return  # HTTP/1.0 clients get no 1xx
-        else:
-            self.started = True
-            self.framing = self._framing(status, req)
-        self._send_head(hdrs)
-
-    def _framing(self, status: int, req: Request) -> int:
-        """How the body reaches the client; adds the framing and Connection headers."""
-        hdrs = self.hdrs
-        conn = self.conn
-        # Stopping: the last request received gets the Connection: close.
-        keep = req.keep_alive and req.done and not (conn.stopping and len(conn.queue) == 1)
-        if req.kind == HEAD or status in (204, 304):
-            framing = NO_BODY
-        elif self.te is not None:
-            if self.te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise Unsolicited  # a coding the router cannot frame
-            framing = CHUNK_FRAMED
-        elif self.length is not None:
-            framing = LENGTH_FRAMED
-        else:
-            framing = EOF_FRAMED
-        if framing >= CHUNK_FRAMED:
-            if req.http10:
-                keep = False  # raw, and the end of the connection ends it
-            else:
-                hdrs.append(CHUNKED)
-        if req.kind >= UPGRADE_REQUEST:
-            keep = False  # refused: what the client sent next was not parsed
-        if not keep:
-            hdrs.append(CLOSE)
-            self.close_client = True
-        elif req.http10:
-            hdrs.append(KEEP_ALIVE)
-        return framing
-
-    def _send_head(self, hdrs: list[bytes]) -> None:
-        hdrs.insert(0, STATUS[self.status] + self.reason + CRLF)
-        hdrs.append(CRLF)
-        self.out.append(b"".join(hdrs))
-
-    def on_body(self, body: bytes) -> None:
-        if self.framing >= CHUNK_FRAMED and not cast(Request, self.request).http10:
-            self.out += (b"%x\r\n" % len(body), body, CRLF)
-        else:
-            self.out.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            return
-        self.keep = self.parser.should_keep_alive()
-        self._finish()
-
-    def _finish(self) -> None:
-        if self.framing >= CHUNK_FRAMED and not cast(Request, self.request).http10:
-            self.out.append(b"0\r\n")
-            self.out += self.trailers
-            self.out.append(CRLF)
-        self.done = True
-        self.served += 1
-
-    def _head_first(self, data: bytes) -> None:
-        """A response to HEAD, CONNECT or an Upgrade: read its head alone, then decide."""
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(HEAD_END)
-            if end < 0:
-                if len(buf) > MAX_RESPONSE_HEAD:
-                    raise Unsolicited
-                self.buf = buf
-                return
-            end += 4
-            block, buf = buf[:end], buf[end:]
-            self.parser = parser = httptools.HttpResponseParser(self)
-            try:
-                parser.feed_data(block)
-            except HttpParserUpgrade:
-                pass
-            except HttpParserError:
-                if not self.opened:  # llhttp also "fails" on a 101 without Upgrade
-                    raise
-            if not self.interim:
-                break
-            self.interim = False  # a 1xx before the final answer
-        self.buf = b""
-        if self.opened:
-            if buf:
-                self.out.append(buf)  # the tunnel's first bytes
-        elif cast(Request, self.request).kind == HEAD:
-            if buf:
-                raise Unsolicited  # nothing may follow the head of an answer to HEAD
-            self.keep = parser.should_keep_alive()
-            self.parser = httptools.HttpResponseParser(self)
-            self.done = True
-            self.served += 1
-        elif buf:
-            parser.feed_data(buf)  # a refused Upgrade/CONNECT: an ordinary response
 
     def _broken(self) -> None:
         """The color broke HTTP: drop the connection; the client gets 502 if it can."""
@@ -1187,34 +753,3 @@ class Upstream(asyncio.Protocol):
         if transport is not None:
             transport.abort()
 
-
-# Response framings, in this order (CHUNK and EOF are re-chunked for HTTP/1.1 clients).
-NO_BODY, LENGTH_FRAMED, CHUNK_FRAMED, EOF_FRAMED = range(4)
-
-
-def forwarding(peer: str, xff: bytes | None, xfp: bytes | None, fwd: bytes | None) -> bytes:
-    """The forwarding headers for a request from ``peer``, extending the incoming ones
-    (given only for a trusted peer)."""
-    addr = peer.encode()
-    node = b'"[%s]"' % addr if b":" in addr else addr
-    element = b"for=%s;proto=http" % node
-    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nForwarded: %s\r\n" % (
-        addr if xff is None else xff + b", " + addr,
-        b"http" if xfp is None else xfp,
-        element if fwd is None else fwd + b", " + element)
-
-
-def _drop_named(hdrs: list[bytes], tokens: bytes) -> None:
-    """Remove the headers a Connection header names (besides its options) from ``hdrs``
-    (name, ": ", value, CRLF groups, then whole lines)."""
-    names = {t.strip().lower() for t in tokens.split(b",")} - CONNECTION_OPTIONS - KEPT
-    if not names:
-        return
-    i = 0
-    while i + 3 < len(hdrs):
-        if hdrs[i + 1] is SEP and hdrs[i].lower() in names:
-            del hdrs[i:i + 4]
-        elif hdrs[i + 1] is SEP:
-            i += 4
-        else:
-            i += 1

@@ -1,0 +1,188 @@
+"""The routing table: which color gets new work, and one account per color for both modes.
+
+    Routes ── live ──▶ Backend(color, address)   inflight · total · errors
+      │ conns: every client connection admitted (a tcp.Link or an http.proxy.Conn)
+      │ view:  the router's State (active color, fallback window, drain_until)
+
+A client connection is handled by the handler of the mode it was accepted in and asks the
+table only what does not depend on the mode: the live color, the fallback after a refused
+connect, that it is gone. The account of a color means the same in both modes where it
+can: ``inflight`` is what "drained" waits for (tcp: connections open on the color; http:
+requests sent and not answered whole, and tunnels), ``total`` what the color took (tcp:
+connections it accepted; http: requests sent to it), ``errors`` what failed on it
+(refused, unreachable, broken).
+
+Timers: at ``drain_until`` the table cuts what is left on colors other than the serving one;
+every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Protocol
+
+from switcher.model import Color, Fallback, RouterSettings, State
+from switcher.router.activation import log
+
+SWEEP_EVERY = 0.5  # seconds between checks of http timeouts (no per-request timers)
+
+
+class Backend:
+    """One color: where it listens and what it carries (the same account in both modes)."""
+
+    __slots__ = ("address", "color", "errors", "inflight", "total")
+
+    def __init__(self, color: Color, address: tuple[str, int] | None = None) -> None:
+        self.color = color
+        self.address = address  # None: the color has no address in router.json
+        self.inflight = 0
+        self.total = 0
+        self.errors = 0
+
+
+class Client(Protocol):
+    """A client connection of either mode, as the table drives it."""
+
+    @property
+    def busy_on(self) -> Color | None:
+        """The color its work in flight is on, if any."""
+
+    def check(self, now: float) -> None: ...
+    def leave_idle(self, live: Backend | None) -> None: ...
+    def cut(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Routes:
+    """The serving color, the fallback, the accounts and the client connections."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: RouterSettings,
+                 view: State) -> None:
+        self.loop = loop
+        self.max_connections = settings.max_connections
+        self.backends = {c: Backend(c, settings.colors.get(c)) for c in Color}
+        self.conns: set[Client] = set()
+        self.view = view
+        self.live: Backend | None = None  # where new work goes; None: no live color
+        self.serve(view)
+        self.stopping = False
+        self.idle = asyncio.Event()  # set when stopping and the last connection is gone
+        self.cut_timer: asyncio.TimerHandle | None = None
+        self.sweeping: asyncio.TimerHandle | None = None
+
+    # -- called by connections ---------------------------------------------------------------
+
+    @property
+    def open(self) -> int:
+        return len(self.conns)
+
+    def accept(self, conn: Client) -> bool:
+        """Count a new client connection in, unless there are ``max_connections``."""
+        if len(self.conns) >= self.max_connections:
+            return False
+        self.conns.add(conn)
+        return True
+
+    def gone(self, conn: Client) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            if not self.conns and self.stopping:
+                self.idle.set()
+
+    def fallback(self, tried: list[Color]) -> Backend | None:
+        """After a refused connect (nothing sent yet): the serving color or the open
+        fallback, if not tried yet. Never any other color."""
+        view = self.view
+        for color in (view.active, view.fallback_at(time.time())):
+            if color is not None and color not in tried:
+                backend = self.backends[color]
+                if backend.address is not None:
+                    return backend
+        return None
+
+    # -- what is served ----------------------------------------------------------------------
+
+    def serve(self, view: State) -> None:
+        """Serve ``view``: new work goes to its active color from now on."""
+        self.view = view
+        active = view.active
+        live = self.backends[active] if active is not None else None
+        self.live = live if live is not None and live.address is not None else None
+
+    def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
+               builds: dict[Color, str | None]) -> Color | None:
+        """Serve ``target`` from now on; returns the color served before."""
+        view = self.view
+        before = view.active
+        self.serve(replace(view, active=target, fallback=fallback, drain_until=drain_until,
+                           builds={**view.builds, **builds},
+                           previous=before if before not in (None, target) else view.previous))
+        self._after_change()
+        return before
+
+    def set_fallback(self, fallback: Fallback | None) -> None:
+        self.view = replace(self.view, fallback=fallback)
+
+    def reload(self, settings: RouterSettings, view: State) -> None:
+        """New addresses and a new view, read again from the state directory."""
+        self.max_connections = settings.max_connections
+        for color, backend in self.backends.items():
+            backend.address = settings.colors.get(color)
+        self.serve(view)
+        self._after_change()
+
+    def _after_change(self) -> None:
+        for conn in list(self.conns):
+            conn.leave_idle(self.live)
+        self.schedule_cut()
+
+    def inflight(self, color: Color) -> int:
+        return self.backends[color].inflight
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def start_sweeping(self) -> None:
+        self.sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.conns):
+            conn.check(now)
+        self.sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
+
+    def schedule_cut(self) -> None:
+        """At ``drain_until``, cut what is still open on colors other than the serving one."""
+        if self.cut_timer is not None:
+            self.cut_timer.cancel()
+            self.cut_timer = None
+        if self.view.drain_until is not None:
+            delay = self.view.drain_until - time.time()
+            self.cut_timer = self.loop.call_later(max(delay, 0.0), self._cut_draining)
+
+    def _cut_draining(self) -> None:
+        self.cut_timer = None
+        others = {c for c in Color if c != self.view.active}
+        if cut := self.cut(others):
+            log("notice", f"drain time is over: cut {cut} connections on "
+                          f"{'/'.join(sorted(others))}")
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def cut(self, colors: set[Color]) -> int:
+        """Cut the connections with work in flight on ``colors``; returns how many."""
+        doomed = [conn for conn in self.conns if conn.busy_on in colors]
+        for conn in doomed:
+            conn.cut()
+        return len(doomed)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for conn in list(self.conns):
+            conn.stop()
+
+    def cut_all(self) -> None:
+        self.cut(set(Color))
+        for conn in list(self.conns):  # http: idle keep-alive connections too
+            conn.cut()

@@ -1,0 +1,111 @@
+"""What the router's tests share: the router as a real subprocess on a listener passed as
+systemd passes it (LISTEN_FDS, NOTIFY_SOCKET), its settings and state, polling."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from switcher import state as files
+from switcher.model import Color, Mode, RouterSettings, State
+from switcher.router.control import request
+from tests.launch import LAUNCH
+
+ROUTER = Path(sys.executable).with_name("alive-switch-router")
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Router:
+    tmp: Path
+    port: int
+    ports: dict[Color, int]
+    listener: socket.socket
+    proc: subprocess.Popen[bytes]
+    notify_sock: socket.socket
+    messages: list[str] = field(default_factory=list)
+
+    @classmethod
+    def spawn(cls, tmp: Path, port: int, ports: dict[Color, int], backlog: int,
+              env: dict[str, str] | None = None) -> Router:
+        """Run the router on a listener passed as systemd passes it, with NOTIFY_SOCKET."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(backlog)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(tmp / "notify"))
+        with (tmp / "stderr").open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
+                 str(tmp / "state" / "app-test")],
+                pass_fds=[listener.fileno()], stderr=stderr,
+                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
+        return cls(tmp, port, ports, listener, proc, notify)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.listener.close()
+        self.notify_sock.close()
+
+    @property
+    def env_dir(self) -> Path:
+        return self.tmp / "state" / "app-test"
+
+    @property
+    def control_path(self) -> str:
+        return str(self.tmp / "run" / "app-test" / "control.sock")
+
+    def control(self, message: dict[str, Any]) -> dict[str, Any]:
+        return request(self.control_path, message, timeout=5)
+
+    def stderr(self) -> str:
+        return (self.tmp / "stderr").read_text()
+
+    def notified(self, predicate: Callable[[str], bool], timeout: float = 5.0) -> str:
+        """The first sd_notify message (so far or to come) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for message in self.messages[seen:]:
+                if predicate(message):
+                    return message
+            seen = len(self.messages)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no such notification; got {self.messages}\n{self.stderr()}")
+            self.notify_sock.settimeout(left)
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.notify_sock.recv(4096).decode())
+
+
+def write_settings(env_dir: Path, tmp: Path, ports: dict[Color, int], **overrides: Any) -> None:
+    settings = RouterSettings(
+        app="app", env="test", mode=Mode(overrides.pop("mode", "tcp")),
+        colors={c: ("127.0.0.1", p) for c, p in ports.items()},
+        control_socket=str(tmp / "run" / "app-test" / "control.sock"), **overrides)
+    files.save_router_settings(env_dir, settings)
+
+
+def blue_live(**changes: Any) -> State:
+    return State(active=Color.blue, builds={Color.blue: "b1", Color.green: None}, **changes)
