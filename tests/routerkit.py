@@ -47,18 +47,22 @@ class Router:
     def spawn(cls, tmp: Path, port: int, ports: dict[Color, int], backlog: int,
               env: dict[str, str] | None = None) -> Router:
         """Run the router on a listener passed as systemd passes it, with NOTIFY_SOCKET."""
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(backlog)
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(tmp / "notify"))
-        with (tmp / "stderr").open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
-                 str(tmp / "state" / "app-test")],
-                pass_fds=[listener.fileno()], stderr=stderr,
-                env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
+        # Closed here if anything below fails (a port still bound, say): left to the
+        # collector, an unbound socket fails some later test with a ResourceWarning.
+        with contextlib.ExitStack() as undo:
+            listener = undo.enter_context(socket.socket())
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(backlog)
+            notify = undo.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+            notify.bind(str(tmp / "notify"))
+            with (tmp / "stderr").open("wb") as stderr:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
+                     str(tmp / "state" / "app-test")],
+                    pass_fds=[listener.fileno()], stderr=stderr,
+                    env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
+            undo.pop_all()
         return cls(tmp, port, ports, listener, proc, notify)
 
     def close(self) -> None:

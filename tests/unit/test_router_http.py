@@ -57,9 +57,13 @@ class Color_:  # noqa: N801 - a color server; "Color" is the enum
         self.stalled = threading.Event()  # set to let /stall end
         self.lock = threading.Lock()
         self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(128)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", port))
+            self.sock.listen(128)
+        except OSError:
+            self.sock.close()  # never left to the collector (a ResourceWarning elsewhere)
+            raise
         self.open: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
