@@ -7,9 +7,7 @@ Failures become :class:`SystemdError` naming the command, systemd's words and th
 
 from __future__ import annotations
 
-import re
 import subprocess
-from pathlib import Path
 from typing import Protocol
 
 from switcher.errors import SystemdError
@@ -48,20 +46,6 @@ def run(argv: list[str], unit: str = "", timeout: float = 120) -> str:
         raise SystemdError(f"`{' '.join(argv)}` failed (exit {done.returncode}): {said}",
                            _hint(unit))
     return done.stdout
-
-
-def unit_of_pid(pid: int) -> str:
-    """The unit whose cgroup holds ``pid`` (``foo.service``), from /proc/PID/cgroup."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        path = line.split(":", 2)[-1]
-        units = re.findall(r"[^/]+\.(?:service|scope|socket)(?=/|$)", path)
-        if units and (line.startswith("0::") or "name=systemd" in line):
-            return str(units[-1])
-    return ""
 
 
 def _hint(unit: str) -> str:

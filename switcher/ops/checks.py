@@ -9,11 +9,9 @@ rollback's budget) is imported only to describe a foreign process in an error.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import pwd
-import re
 import shutil
 import socket
 import subprocess
@@ -21,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from switcher import health
+from switcher import health, host
 from switcher.config import Environment
 from switcher.model import Color
 from switcher.names import Names
-from switcher.systemd import Systemd, UnitProps, unit_of_pid
+from switcher.systemd import Systemd, UnitProps
 
 FACTS = ("LoadState", "ActiveState", "UnitFileState", "Listen", "Result")
 
@@ -103,10 +101,10 @@ def socket_held(s: Subject) -> Check:
                      f"listens; run `systemctl enable {unit}`")
     # The router (and, during a daemon-reload, generators) share systemd's very socket:
     # what matters is that every listening socket on the port is one PID 1 holds.
-    systemds = _socket_inodes_of(1)
-    for inode, pids in _listening_sockets(s.env.listen_port).items():
+    systemds = host.socket_inodes_of(1)
+    for inode, pids in host.listening_sockets(s.env.listen_port).items():
         if inode not in systemds:
-            holder = _describe(min(pids)) if pids else "an unknown process"
+            holder = host.describe(min(pids)) if pids else "an unknown process"
             return Check("socket", Level.failed, f"port {s.env.listen_port} is held by "
                          f"{holder}, not by systemd")
     return Check("socket", Level.ok, f"{unit} active, enabled, {props['Listen']} held by "
@@ -115,11 +113,11 @@ def socket_held(s: Subject) -> Check:
 
 def idle_port_free(s: Subject) -> Check:
     port = s.env.port(s.target)
-    listeners = _listeners(port)
-    foreign = [pid for pid in listeners if unit_of_pid(pid) != s.unit(s.target)]
+    listeners = host.listeners(port)
+    foreign = [pid for pid in listeners if host.unit_of_pid(pid) != s.unit(s.target)]
     if foreign:
         return Check("port", Level.failed, f"{s.target}'s port {port} is held by "
-                     f"{_describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
+                     f"{host.describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
     if listeners:
         return Check("port", Level.ok, f"{port} held by {s.target} itself (it restarts)")
     problem = _try_bind(s.env.host, port)
@@ -202,25 +200,6 @@ CHECKS: list[CheckFn] = [
 ]
 
 
-def _listening_sockets(port: int) -> dict[int, set[int]]:
-    """{socket inode: PIDs holding it} for the sockets listening on ``port``. Asks the kernel
-    through ``ss`` with a filter: under load /proc/net/tcp holds tens of thousands of
-    TIME_WAIT lines (psutil would read them all)."""
-    done = subprocess.run(["ss", "-Hltnep", f"sport = :{port}"], capture_output=True,
-                          text=True, check=False)
-    sockets: dict[int, set[int]] = {}
-    for line in done.stdout.splitlines():
-        inode = re.search(r"\bino:(\d+)", line)
-        if inode:
-            sockets[int(inode.group(1))] = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-    return sockets
-
-
-def _listeners(port: int) -> list[int]:
-    """PIDs holding a socket that listens on ``port``."""
-    return sorted({pid for pids in _listening_sockets(port).values() for pid in pids})
-
-
 def _available_bytes() -> int:
     """MemAvailable of /proc/meminfo (what psutil.virtual_memory().available reads)."""
     with open("/proc/meminfo", encoding="ascii") as meminfo:
@@ -228,30 +207,6 @@ def _available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise OSError("/proc/meminfo has no MemAvailable")
-
-
-def _socket_inodes_of(pid: int) -> set[int]:
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-    except OSError:
-        pass
-    return inodes
-
-
-def _describe(pid: int) -> str:
-    import psutil  # noqa: PLC0415 - only to name a foreign process in an error
-
-    try:
-        process = psutil.Process(pid)
-        command = " ".join(process.cmdline()) or process.name()
-        return f"PID {pid} ({process.name()}: {command})"
-    except psutil.Error:
-        return f"PID {pid}"
 
 
 def _try_bind(host: str, port: int) -> str:

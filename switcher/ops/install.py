@@ -10,20 +10,17 @@ import contextlib
 import os
 import re
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from switcher import render, state
+from switcher import host, render, state
 from switcher.config import Config, Environment
 from switcher.errors import UsageError
 from switcher.model import Color, Mode, RouterSettings
 from switcher.names import RUN_DIR, Names
-from switcher.systemd import Systemd, unit_of_pid
+from switcher.systemd import Systemd
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 Say = Callable[[str], None]
@@ -213,52 +210,10 @@ def _report(result: InstallResult, unit_dir: Path, say: Say) -> None:
         say("nothing changed: units, router settings and services are up to date")
 
 
-@dataclass(frozen=True)
-class Holder:
-    """A process listening on a port, and the systemd unit it runs in ("" if unknown)."""
-
-    pid: int | None  # None: a process this PID namespace cannot see
-    unit: str
-    command: str
-
-    def describe(self) -> str:
-        if self.pid is None:
-            return "a process outside this PID namespace"
-        return f"PID {self.pid} ({self.command})" + (f" of {self.unit}" if self.unit else "")
-
-
-def port_holders(port: int) -> list[Holder]:
-    """Who listens on TCP ``port``, on any address."""
-    try:
-        # ss asks the kernel for listeners only; psutil reads all of /proc/net/tcp, which
-        # on a busy host holds tens of thousands of TIME_WAIT lines (~1 s).
-        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        pids = {conn.pid for conn in psutil.net_connections("tcp")
-                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port}
-    else:
-        pids = set()
-        for line in out.splitlines():
-            found = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
-            pids |= found or {None}  # no users: a process this namespace cannot see
-    return [_holder(pid) for pid in sorted(pids, key=lambda p: p or 0)]
-
-
-def _holder(pid: int | None) -> Holder:
-    if pid is None:
-        return Holder(None, "", "")
-    try:
-        command = " ".join(psutil.Process(pid).cmdline())[:120]
-    except psutil.Error:
-        command = "?"
-    return Holder(pid, unit_of_pid(pid), command)
-
-
 def _check_port_free(env: Environment, socket_unit: str) -> None:
     """Starting the socket while another process holds the port fails with EADDRINUSE:
     the original incident. Refuse before writing anything and name the way out."""
-    holders = port_holders(env.listen_port)
+    holders = host.port_holders(env.listen_port)
     if not holders:
         return
     holder = holders[0]

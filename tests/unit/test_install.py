@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from switcher import host
 from switcher.errors import UsageError
 from switcher.ops import install
 from tests.fakes import FakeSystemd
@@ -37,7 +38,7 @@ def test_install_says_what_changed_and_when_it_takes_effect(tmp_path: Path) -> N
 def test_install_refuses_while_another_process_holds_the_port(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     with socket.create_server(("127.0.0.1", LISTEN)):
-        holders = install.port_holders(LISTEN)
+        holders = host.port_holders(LISTEN)
         assert [h.pid for h in holders] == [os.getpid()]
         with pytest.raises(UsageError, match="EADDRINUSE") as caught:
             install.install(cfg, cfg.env["prod"], FakeSystemd(), tmp_path / "units",

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from switcher import render, state
+from switcher import host, render, state
 from switcher.errors import AbortedError, SwitchError, UsageError
 from switcher.model import Color
 from switcher.names import Names
@@ -436,7 +436,7 @@ class Takeover:
             self._check_holders(p)
 
     def _check_holders(self, p: Plan) -> None:
-        holders = install.port_holders(self.env.listen_port)
+        holders = host.port_holders(self.env.listen_port)
         foreign = [h for h in holders if h.unit != p.legacy.unit]
         if foreign:
             raise UsageError(f"port {self.env.listen_port} is held by {foreign[0].describe()}, "
