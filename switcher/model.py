@@ -101,6 +101,19 @@ class Fallback:
     def open_at(self, now: float) -> bool:
         return now < self.until
 
+    def to_json(self) -> dict[str, Any]:
+        """As state.json, the control socket and status --json carry it."""
+        return {"color": self.color.value, "until": self.until}
+
+
+def fallback_json(fallback: Fallback | None) -> dict[str, Any] | None:
+    return None if fallback is None else fallback.to_json()
+
+
+def color_name(color: Color | None) -> str | None:
+    """A color as JSON carries it: its name, or null."""
+    return None if color is None else color.value
+
 
 @dataclass(frozen=True)
 class State:
@@ -132,12 +145,11 @@ class State:
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": STATE_SCHEMA,
-            "active": self.active.value if self.active else None,
-            "previous": self.previous.value if self.previous else None,
+            "active": color_name(self.active),
+            "previous": color_name(self.previous),
             "builds": {c.value: b for c, b in self.builds.items()},
             "pending": self.pending.to_json() if self.pending else None,
-            "fallback": ({"color": self.fallback.color.value, "until": self.fallback.until}
-                         if self.fallback else None),
+            "fallback": fallback_json(self.fallback),
             "drain_until": self.drain_until,
             "deploy_id": self.deploy_id,
             "updated": self.updated,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from switcher.errors import RouterError, SwitchError
-from switcher.model import Color, Fallback
+from switcher.model import Color, Fallback, fallback_json
 
 CONTROL_TIMEOUT = 5.0
 
@@ -22,10 +22,6 @@ class Router(Protocol):
 def serving(status: dict[str, Any]) -> Color | None:
     value = status.get("serving")
     return Color(value) if value else None
-
-
-def _fallback(fb: Fallback | None) -> dict[str, Any] | None:
-    return {"color": fb.color.value, "until": fb.until} if fb else None
 
 
 @dataclass
@@ -56,9 +52,9 @@ class ControlSocket:
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
         return self._request({
             "cmd": "switch", "target": target.value,
-            "fallback": _fallback(fallback), "drain_until": drain_until,
+            "fallback": fallback_json(fallback), "drain_until": drain_until,
             "builds": {c.value: b for c, b in builds.items()},
         }, CONTROL_TIMEOUT)
 
     def set_fallback(self, fallback: Fallback | None) -> None:
-        self._request({"cmd": "fallback", "fallback": _fallback(fallback)}, CONTROL_TIMEOUT)
+        self._request({"cmd": "fallback", "fallback": fallback_json(fallback)}, CONTROL_TIMEOUT)

@@ -22,7 +22,7 @@ from switcher.errors import (
     UsageError,
 )
 from switcher.hooks import HOOK_IDENTIFIER
-from switcher.model import Color, Pending, Phase, State
+from switcher.model import Color, Pending, Phase, State, color_name
 from switcher.ops import builds, recovery
 from switcher.ops.outcome import Outcome
 from switcher.ops.site import SWITCH_BACK, Phases, Site, stop_here, why_not_retire
@@ -121,7 +121,7 @@ class Deployer(Site):
             outcome.phases = phases.durations
             self.record({"kind": the_plan.kind.value, "deploy_id": deploy_id,
                            "color": the_plan.target.value, "build": the_plan.build,
-                           "from": the_plan.old.value if the_plan.old else None,
+                           "from": color_name(the_plan.old),
                            "outcome": "ok" if outcome.ok else result,
                            "failed_phase": None if outcome.ok else _value(phases.current),
                            "message": outcome.message, "phases": phases.durations,

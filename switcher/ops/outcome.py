@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from switcher.model import Color
+from switcher.model import Color, color_name
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": self.ok,
-                "target": self.target.value if self.target else None, "build": self.build,
+                "target": color_name(self.target), "build": self.build,
                 "message": self.message, "phases": self.phases, "warnings": self.warnings,
                 "hooks": self.hooks}
 

@@ -13,7 +13,7 @@ import time
 
 from switcher import plan, state
 from switcher.errors import AbortedError, SwitchError
-from switcher.model import Color, State
+from switcher.model import Color, State, color_name
 from switcher.ops.site import SWITCH_BACK, Site
 from switcher.routerctl import serving
 
@@ -37,7 +37,7 @@ def begin(site: Site) -> tuple[State, dict[Color, str | None]]:
     site.say(f"reconcile: {action.value}")
     fixed = _reconcile(site, action, current, actual)
     site.record({"kind": "reconcile", "action": action.name, "outcome": "ok",
-                 "router_was": actual.value if actual else None})
+                 "router_was": color_name(actual)})
     return fixed, site.running_builds()  # the reconcile may have stopped a color
 
 

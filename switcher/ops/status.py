@@ -36,7 +36,7 @@ from typing import Any
 from switcher import health, state
 from switcher.config import Config, Environment
 from switcher.errors import RouterError
-from switcher.model import Color, State
+from switcher.model import Color, State, color_name
 from switcher.names import Names
 from switcher.routerctl import Router
 from switcher.systemd import Systemd
@@ -67,8 +67,8 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     history = state.read_history(env_dir)
     return {
         "schema": SCHEMA, "app": cfg.app, "env": env.name,
-        "live": _v(current.active), "live_build": current.builds.get(current.active)
-        if current.active else None, "previous": _v(current.previous),
+        "live": color_name(current.active), "live_build": current.builds.get(current.active)
+        if current.active else None, "previous": color_name(current.previous),
         "pending": current.pending.to_json() if current.pending else None,
         "fallback": current.to_json()["fallback"],
         "router": router_info,
@@ -90,10 +90,6 @@ def _unfinished_takeover(env_dir: Path) -> str | None:
 
 TAKEOVER_NOTE = ("a takeover of {unit} did not finish (its CLI ended): the next deploy, "
                  "rollback or install of this environment finishes or undoes it")
-
-
-def _v(color: Color | None) -> str | None:
-    return color.value if color else None
 
 
 def _router(active: str, router: Router, unit: str) -> dict[str, Any]:
