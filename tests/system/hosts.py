@@ -33,15 +33,17 @@ sysctls.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
 import signal
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from tests.system.sandbox import (
     LOCK_FILE,
@@ -54,6 +56,8 @@ from tests.system.sandbox import (
 )
 
 SSHD = Path("/usr/sbin/sshd")
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 OVERLAID = ("/etc", "/usr", "/var", "/opt", "/srv")
 CGROUP_HIERARCHIES = ("unified", "systemd")  # DESIGN.md: the ones systemd tracks units in
 HOST_NAMES = ("h1", "h2", "h3")
@@ -147,6 +151,30 @@ class Host(Sandbox):
         """A path of the host's file system, as this machine reaches it (via /proc)."""
         assert self.pid is not None
         return Path(f"/proc/{self.pid}/root", inside.lstrip("/"))
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in a thread inside this host's network namespace.
+
+        Sockets it opens, and threads it starts, stay in that namespace (a thread's
+        namespaces are copied to the threads it starts): ``host.call(Load(9000).__enter__)``
+        loads the host's own port 9000.
+        """
+        assert self.pid is not None
+        outcome: dict[str, Any] = {}
+
+        def inside() -> None:
+            try:
+                enter_netns(self.pid or 0)
+                outcome["value"] = function(*args)
+            except BaseException as exc:  # re-raised in the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=inside, name=f"netns-{self.name}")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
 
     def _take_lock(self) -> None:
         if self.fleet.lock_fd is None:
@@ -300,6 +328,19 @@ class Fleet:
         self.ssh_config.write_text("\n".join(config))
         self.inventory.write_text("\n".join(inventory) + "\n")
         self.ansible_cfg.write_text(ANSIBLE_CFG.format(fleet=fleet))
+
+
+def enter_netns(pid: int) -> None:
+    """Move the calling thread (only it) into the network namespace of ``pid``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns into the network namespace of {pid}: "
+                          f"{os.strerror(error)}")
+    finally:
+        os.close(fd)
 
 
 def _keygen(path: Path, comment: str) -> None:
