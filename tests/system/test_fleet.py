@@ -96,8 +96,9 @@ class World:
     work: Path
     runs: int = 0
 
-    def play(self, playbook: str, *extra: str, check: bool = False) -> Play:
-        argv = [str(VENV_BIN / "ansible-playbook"), playbook, *extra]
+    def play(self, playbook: str, *extra: str, check: bool = False,
+             command: str = "ansible-playbook") -> Play:
+        argv = [str(VENV_BIN / command), playbook, *extra]
         if check:
             argv.append("--check")
         env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
@@ -117,6 +118,17 @@ class World:
                 out.write(f"[{time.monotonic() - began:6.1f}] {line}")
             returncode = proc.wait()
         return Play(returncode, "".join(lines), log)
+
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """``alive_switch.fleet.info`` on every host (ad hoc): its fact per host."""
+        done = self.play_adhoc("alive_switch.fleet.info", f"env={ENV}")
+        found = re.findall(r"^(h\d) \| SUCCESS => (\{.*?^\})$", done.output,
+                           re.MULTILINE | re.DOTALL)
+        assert len(found) == 3, play_ok(done)
+        return {host: json.loads(body)["ansible_facts"]["alive_switch"] for host, body in found}
+
+    def play_adhoc(self, module: str, args: str) -> Play:
+        return self.play("all", "-m", module, "-a", args, command="ansible")
 
     def roll(self, archive: Path, *extra: str, check: bool = False) -> Play:
         return self.play("alive_switch.fleet.rolling", "-e", f"alive_switch_env={ENV}",
@@ -311,6 +323,9 @@ def test_rolling_under_load_loses_no_request_and_a_second_run_changes_nothing(
     assert second.returncode == 0, play_ok(second)
     assert second.changed() == {"h1": 0, "h2": 0, "h3": 0}, play_ok(second)
     assert all(": unchanged, build b2" in line for line in second.summary()), play_ok(second)
+    facts = world.facts()
+    assert {host: fact["live_build"] for host, fact in facts.items()} == {
+        "h1": "b2", "h2": "b2", "h3": "b2"}
 
     before = {host.name: (status(host)["live"], len(history(host))) for host in world.hosts}
     checked = world.roll(b3, "-e", "alive_switch_batch=2", check=True)
