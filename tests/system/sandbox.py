@@ -47,7 +47,9 @@ Only one sandbox may run at a time on a machine (they share cgroup paths and int
 ``boot()`` takes an flock on LOCK_FILE and refuses while another sandbox holds it. The file
 records (JSON) the sandbox's PID 1 and the host's values above, so that a sandbox left
 running by a test process that died (SIGKILL, CI timeout) is killed, and its traces undone,
-by the next ``boot()``.
+by the next ``boot()``. A fleet of test hosts (hosts.py) holds the same lock for its whole
+life and records every host's PID 1 under ``pids``: its hosts coexist among themselves
+(each in its own cgroup subtree and namespaces), never beside a single sandbox.
 """
 
 from __future__ import annotations
@@ -149,6 +151,10 @@ class SandboxError(RuntimeError):
 class Sandbox:
     """systemd booted in private namespaces over ``root``; see the module docstring."""
 
+    # How the boot script is started, and which of its namespaces run() and popen() enter.
+    UNSHARE: tuple[str, ...] = ("unshare", "--pid", "--fork", "--mount", "--mount-proc")
+    NSENTER: tuple[str, ...] = ("-m", "-p")
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.unit_dir = root / "etc-systemd-system"
@@ -175,7 +181,7 @@ class Sandbox:
             raise SandboxError(f"sandbox over {self.root} is already booted (pid {self.pid})")
         self._take_lock()
         try:
-            self._traces = _HostTraces.now()
+            self._traces = self._record_traces()
             self._write_lock()
             self._prepare()
             self._start()
@@ -284,7 +290,7 @@ class Sandbox:
         if self.pid is None:
             raise SandboxError(f"sandbox over {self.root} is not booted")
         workdir = os.fspath(cwd) if cwd is not None else os.getcwd()
-        nsenter = ["nsenter", "-t", str(self.pid), "-m", "-p", f"--wd={workdir}", "--"]
+        nsenter = ["nsenter", "-t", str(self.pid), *self.NSENTER, f"--wd={workdir}", "--"]
         return subprocess.Popen(
             [*nsenter, *(os.fspath(arg) for arg in argv)],
             env={**BASE_ENV, **(env or {})},
@@ -308,42 +314,15 @@ class Sandbox:
     # -- boot steps ------------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        """flock LOCK_FILE; it records the sandbox's PID 1 and the host as it was before.
+        self._lock_fd = take_lock()
 
-        The kernel drops the flock when the test process dies, but a sandbox then outlives
-        it (SIGKILL, CI timeout): the next boot finds the record, kills that PID 1 and undoes
-        its traces.
-        """
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        # Several people (or agents) testing on one machine may queue instead of failing.
-        patience = time.monotonic() + float(os.environ.get(LOCK_WAIT_VAR, "0"))
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= patience:
-                        raise
-                    time.sleep(0.5)
-        except BlockingIOError:
-            holder = read_record(fd)
-            os.close(fd)
-            raise SandboxError(
-                f"another sandbox is running (PID 1 {holder.get('pid')}, test process "
-                f"{holder.get('test_process')}, root {holder.get('root')}); only one may "
-                "run at a time"
-            ) from None
-        self._lock_fd = fd
-        left_over = read_record(fd)
-        if isinstance(left_over.get("pid"), int) and kill_left_over(left_over["pid"]):
-            _HostTraces.from_record(left_over).undo()
+    def _record_traces(self) -> _HostTraces:
+        return _HostTraces.now()
 
     def _write_lock(self) -> None:
         assert self._lock_fd is not None and self._traces is not None
         record = {"pid": self.pid, "test_process": os.getpid(), "root": str(self.root)}
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, json.dumps(record | self._traces.record()).encode(), 0)
+        write_record(self._lock_fd, record | self._traces.record())
 
     def _prepare(self) -> None:
         for directory in (self.unit_dir, self.state_dir, self.stubs_dir):
@@ -356,7 +335,7 @@ class Sandbox:
         self.boot_script.write_text(self._script(self._console.path))
         self.boot_script.chmod(0o755)
         self._unshare = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--mount-proc", str(self.boot_script)],
+            [*self.UNSHARE, str(self.boot_script)],
             stdin=subprocess.DEVNULL,
             stdout=self._console.slave,
             stderr=self._console.slave,
@@ -498,6 +477,47 @@ class _HostTraces:
             shutil.rmtree(directory, ignore_errors=True)
         for cgroup in top_cgroups() - self.cgroups:
             remove_cgroup(Path(cgroup))
+
+
+def take_lock() -> int:
+    """flock LOCK_FILE (waiting up to $SANDBOX_LOCK_WAIT s); the open file, which records a
+    sandbox's PID 1 (or a fleet's, ``pids``) and the host as it was before.
+
+    The kernel drops the flock when the test process dies, but a sandbox then outlives
+    it (SIGKILL, CI timeout): the next holder finds the record, kills those PID 1s and
+    undoes their traces.
+    """
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    # Several people (or agents) testing on one machine may queue instead of failing.
+    patience = time.monotonic() + float(os.environ.get(LOCK_WAIT_VAR, "0"))
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= patience:
+                    raise
+                time.sleep(0.5)
+    except BlockingIOError:
+        holder = read_record(fd)
+        os.close(fd)
+        raise SandboxError(
+            f"another sandbox is running (PID 1 {holder.get('pid')}, test process "
+            f"{holder.get('test_process')}, root {holder.get('root')}); only one may "
+            "run at a time"
+        ) from None
+    left_over = read_record(fd)
+    pids = left_over.get("pids") or [left_over.get("pid")]
+    if [pid for pid in pids if isinstance(pid, int) and kill_left_over(pid)]:
+        _HostTraces.from_record(left_over).undo()
+    return fd
+
+
+def write_record(fd: int, record: dict[str, Any]) -> None:
+    """Replace the lock file's record (see take_lock)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
 
 
 def write_stubs(stubs: Path) -> None:
