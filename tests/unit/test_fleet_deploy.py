@@ -227,3 +227,14 @@ def test_module_rejects_bad_arguments_before_running_anything(run_module: Any) -
     result, calls = run_module({"env": "prod", "build": "b2", "rollback": True})
     assert result["failed"] is True and "mutually exclusive" in result["msg"]
     assert calls == []
+
+
+@pytest.mark.parametrize("module", ["deploy", "info"])
+def test_module_documentation_parses_for_ansible_doc(module: str) -> None:
+    from ansible.utils.plugin_docs import read_docstring
+
+    docs = read_docstring(str(COLLECTION / f"plugins/modules/{module}.py"))
+    assert docs["doc"]["module"] == module
+    assert set(docs["doc"]["options"]) == set(
+        cli.DEPLOY_ARGUMENT_SPEC if module == "deploy" else cli.INFO_ARGUMENT_SPEC)
+    assert docs["plainexamples"] and docs["returndocs"]

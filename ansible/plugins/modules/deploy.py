@@ -7,9 +7,9 @@ module: deploy
 short_description: Deploy a build (or roll back) with alive-switch on the host
 description:
   - Runs C(alive-switch deploy ENV [BUILD] --json) (or C(rollback ENV --json)) on the host and
-    reports its outcome. The host's C(alive-switch) does the work: health gate, switch, watch,
-    drain, standby. Exit codes 2-6 of the CLI fail the task with its message.
-  - Check mode runs C(--dry-run): the plan, nothing changed.
+    reports its outcome. The host's C(alive-switch) does the work (health gate, switch, watch,
+    drain, standby). Exit codes 2-6 of the CLI fail the task with its message.
+  - Check mode runs C(--dry-run), which prints the plan and changes nothing.
 version_added: "0.1.0"
 options:
   env:

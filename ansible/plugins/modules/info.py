@@ -7,7 +7,7 @@ module: info
 short_description: alive-switch status of a host as facts
 description:
   - Runs C(alive-switch status [ENV] --json) on the host; its object becomes the fact
-    C(alive_switch) (schema 1: C(live), C(live_build), C(colors), C(last), ...).
+    C(alive_switch) (schema 1 - C(live), C(live_build), C(colors), C(last), ...).
 version_added: "0.1.0"
 options:
   env:
