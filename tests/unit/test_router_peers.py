@@ -520,6 +520,25 @@ def test_a_bare_lf_head_answering_head_is_a_502_not_a_wait(
 
 
 
+# -- 9. chunk framing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pieces", [
+    [b"5;" + b"e" * 4096 + b"\r\nhello\r\n"] * 64,  # 256 KiB of extensions
+    [b"1\r\nx\r\n"] * 40000,  # a body in 1-byte chunks
+], ids=["long-extensions", "tiny-chunks"])
+def test_chunk_framing_is_bounded_by_the_data_it_frames(
+        start: Callable[..., tuple[Router, ScriptedColor]], pieces: list[bytes]) -> None:
+    r, _ = start(reads_forever)
+    with client(r) as c:
+        c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(OSError):  # the router may stop reading once it refused
+            for piece in pieces:
+                c.sendall(piece)
+        head, body = read_response(c)
+    assert status(head) == 400
+    assert b"chunk framing" in body
+
+
 # -- 8. memory of closed connections -----------------------------------------------------------
 
 def rss_mib(pid: int) -> float:
