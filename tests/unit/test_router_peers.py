@@ -520,6 +520,25 @@ def test_a_bare_lf_head_answering_head_is_a_502_not_a_wait(
 
 
 
+# -- 9. chunk framing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pieces", [
+    [b"5;" + b"e" * 4096 + b"\r\nhello\r\n"] * 64,  # 256 KiB of extensions
+    [b"1\r\nx\r\n"] * 40000,  # a body in 1-byte chunks
+], ids=["long-extensions", "tiny-chunks"])
+def test_chunk_framing_is_bounded_by_the_data_it_frames(
+        start: Callable[..., tuple[Router, ScriptedColor]], pieces: list[bytes]) -> None:
+    r, _ = start(reads_forever)
+    with client(r) as c:
+        c.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(OSError):  # the router may stop reading once it refused
+            for piece in pieces:
+                c.sendall(piece)
+        head, body = read_response(c)
+    assert status(head) == 400
+    assert b"chunk framing" in body
+
+
 # -- 8. memory of closed connections -----------------------------------------------------------
 
 def rss_mib(pid: int) -> float:
@@ -529,8 +548,21 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def accepted(pid: int, port: int) -> int:
+    """Client connections the router holds: its sockets whose local port is ``port``
+    (sd_notify opens a socket now and then: a plain count of descriptors would see it)."""
+    fds = f"/proc/{pid}/fd"
+    inodes = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):
+            inodes.add(os.readlink(f"{fds}/{fd}").removeprefix("socket:[").rstrip("]"))
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "01" and \
+                fields[9] in inodes:
+            count += 1
+    return count
 
 
 def test_memory_of_closed_connections_comes_back_without_the_cycle_collector(
@@ -540,21 +572,24 @@ def test_memory_of_closed_connections_comes_back_without_the_cycle_collector(
     try:
         r, _ = start(serve_ok, header_timeout=60, idle_timeout=60)
         pid = r.proc.pid
-        idle = open_fds(pid)
         unfinished = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n"
         after = []
         for _ in range(6):
-            clients = [client(r) for _ in range(1000)]
+            clients: list[socket.socket] = []
             try:
-                for c in clients:
-                    for _ in range(60):
-                        c.sendall(unfinished[:1024])
-                wait_for(lambda: open_fds(pid) >= idle + 1000, timeout=20,
-                         what="the router to accept every connection")
+                for _ in range(10):  # in batches, so the accept queue never overflows
+                    batch = [client(r) for _ in range(100)]
+                    clients += batch
+                    for c in batch:
+                        for _ in range(60):
+                            c.sendall(unfinished[:1024])
+                    want = len(clients)
+                    wait_for(lambda want=want: accepted(pid, r.port) >= want, timeout=20,
+                             what=f"the router to accept {len(clients)} connections")
             finally:
                 for c in clients:
                     c.close()
-            wait_for(lambda: open_fds(pid) <= idle, timeout=20,
+            wait_for(lambda: accepted(pid, r.port) == 0, timeout=20,
                      what="the router to close every connection")
             after.append(rss_mib(pid))
         assert max(after) - after[0] < 30, f"router RSS after each round, MiB: {after}"

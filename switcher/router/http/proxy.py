@@ -55,6 +55,7 @@ from switcher.router.http.response import ResponseReader, Unsolicited
 from switcher.router.http.wire import (
     BODY_TIMEOUT,
     BROKEN,
+    CHUNK_FRAMING,
     CONNECT,
     CRLF,
     DRAIN_OVER,
@@ -152,7 +153,8 @@ class Conn(RequestReader, asyncio.Protocol):
             if self.upgrading:
                 self._hold(data)
             return  # else refused: read and dropped
-        continued, begun = self.in_head, self.begun
+        continued, begun, reading = self.in_head, self.begun, self.req
+        received = 0 if reading is None else reading.received
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
@@ -168,12 +170,27 @@ class Conn(RequestReader, asyncio.Protocol):
             self._refuse(bad_request(str(e) or "malformed request"))
         else:
             if continued and self.in_head and begun == self.begun:
-                # httptools keeps an unfinished header to itself, however long: count the
-                # chunks that were all head (the head's first chunk is bounded by its size).
-                self.head_chunks += len(data)
-                if self.head_chunks > self.limits.max_header_bytes + MAX_REQUEST_LINE:
-                    self._refuse(HEADERS_TOO_LARGE)
+                self._count_head(len(data))
+            elif reading is not None and reading is self.req:
+                self._count_framing(reading, len(data) - (reading.received - received))
         self._pump()
+
+    def _count_head(self, size: int) -> None:
+        """httptools keeps an unfinished header to itself, however long: count the chunks
+        that were all head (the head's first chunk is bounded by its size)."""
+        self.head_chunks += size
+        if self.head_chunks > self.limits.max_header_bytes + MAX_REQUEST_LINE:
+            self._refuse(HEADERS_TOO_LARGE)
+
+    def _count_framing(self, req: Request, framing: int) -> None:
+        """Chunk sizes, extensions and line ends may not outgrow the data they frame by
+        more than CHUNK_FRAMING: that bounds extensions (httptools has no limit) and the
+        cost of tiny chunks (a callback each)."""
+        if not req.chunked:
+            return
+        req.framing += framing
+        if req.framing > CHUNK_FRAMING + req.received:
+            self._refuse(bad_request("chunk framing larger than the data it frames"))
 
     def _fast(self, data: bytes) -> bool:
         """Take a whole, plain, bodiless head read in one piece (see FAST_REQUEST)."""

@@ -129,6 +129,8 @@ class Request:
     body = False
     fast = False  # its response may take the fast path
     head = b""  # as sent upstream: a bodiless request may be sent again
+    received = 0  # chunked: body bytes read so far
+    framing = 0  # chunked: bytes of chunk framing read so far (roughly: see Conn)
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
@@ -296,6 +298,7 @@ class RequestReader:
         self.since = _now()  # body_timeout: the client is sending
         req = cast(Request, self.req)
         if req.chunked:
+            req.received += len(body)
             req.out += (b"%x\r\n" % len(body), body, CRLF)
         else:
             req.out.append(body)

@@ -18,6 +18,9 @@ import re
 
 MAX_REQUEST_LINE = 8192
 MAX_RESPONSE_HEAD = 256 * 1024  # a color's response head beyond this is broken
+# Bytes of chunk framing (sizes, extensions, line ends) a chunked request body may have
+# beyond the bytes of data it frames: 32 MiB of extensions or a body in 1-byte chunks → 400.
+CHUNK_FRAMING = 64 * 1024
 
 CRLF = b"\r\n"
 SEP = b": "
