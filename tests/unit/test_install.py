@@ -3,6 +3,7 @@ the same against a real systemd."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -47,3 +48,30 @@ def test_install_refuses_while_another_process_holds_the_port(tmp_path: Path) ->
     assert not (tmp_path / "units").exists(), "nothing was written"
 
 
+
+
+def test_every_router_setting_of_the_config_reaches_the_router(tmp_path: Path) -> None:
+    """Each [env.*.router] key that the router reads goes into router.json: a key that
+    stopped here would be accepted by the config and silently ignored."""
+    cfg = write_config(tmp_path, also='''
+[env.prod.router]
+mode = "http"
+backlog = 77
+max_connections = 7
+restart_drain = 2.5
+header_timeout = 3
+idle_timeout = 4
+max_header_bytes = 9000
+trusted_proxies = ["10.0.0.1"]
+body_timeout = 5
+response_timeout = 6
+tunnels = ["websocket", "connect"]
+''')
+    env = cfg.env["prod"]
+    settings = install.router_settings(cfg, env)
+    given = {"backlog": 77, "max_connections": 7, "restart_drain": 2.5, "header_timeout": 3,
+             "idle_timeout": 4, "max_header_bytes": 9000, "trusted_proxies": ("10.0.0.1",),
+             "body_timeout": 5, "response_timeout": 6, "tunnels": ("websocket", "connect")}
+    assert {key: getattr(settings, key) for key in given} == given
+    declared = {f.name for f in dataclasses.fields(type(env.router))}
+    assert declared - {"mode", "processes"} <= {f.name for f in dataclasses.fields(settings)}
