@@ -23,6 +23,7 @@ class Probe:
     ok: bool
     detail: str  # "200" or why it failed, for messages
     exited: bool = False  # the process under test died or was restarted meanwhile
+    answered: bool = False  # it answered (wrongly): the detail says what it answered
 
 
 def url(host: str, port: int, path: str) -> str:
@@ -46,9 +47,9 @@ def probe(host: str, port: int, health: Health, timeout: float) -> Probe:
         conn.close()
     status = response.status
     if not health.status_ok(status):
-        return Probe(False, f"{status} (expected {health.expect_status})")
+        return Probe(False, f"{status} (expected {health.expect_status})", answered=True)
     if health.expect_body and health.expect_body not in body.decode("utf-8", "replace"):
-        return Probe(False, f"{status} without {health.expect_body!r} in body")
+        return Probe(False, f"{status} without {health.expect_body!r} in body", answered=True)
     return Probe(True, str(status))
 
 
@@ -69,8 +70,13 @@ def wait_healthy(host: str, port: int, health: Health, *, still_running: Callabl
         left = deadline - clock()
         if left <= 0:
             return Probe(False, f"{last.detail} after {health.timeout:g} s")
-        last = probe(host, port, health, min(left, max(health.interval, 1.0)))
-        if last.ok:
+        full = max(health.interval, 1.0)
+        this = probe(host, port, health, min(left, full))
+        if this.ok:
             gone = still_running()
-            return Probe(False, gone, exited=True) if gone else last
+            return Probe(False, gone, exited=True) if gone else this
+        # A last probe that the deadline cut short says only "no answer within 0.002 s":
+        # what the color answered before is the reason worth reporting.
+        if left >= full or this.answered or not last.answered:
+            last = this
         sleep(min(health.interval, max(0.0, deadline - clock())))

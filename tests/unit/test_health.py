@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from switcher import health
 from switcher.config import Health
-from switcher.health import probe, wait_healthy
+from switcher.health import Probe, probe, wait_healthy
 from tests.ports import port_block
 
 PORT, SILENT, CLOSED = port_block(__name__, 3)
@@ -139,3 +140,27 @@ def test_the_gate_gives_up_at_its_timeout_with_the_last_reason(server: Server) -
     result = wait_healthy("127.0.0.1", PORT, Health(path="/", timeout=0.3, interval=0.05),
                           still_running=lambda: "")
     assert (result.ok, result.detail) == (False, "503 (expected 2xx) after 0.3 s")
+
+
+def test_a_probe_the_deadline_cut_short_does_not_hide_the_real_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's last probe may get only what is left of the timeout (2 ms once, under load):
+    its "no answer within 0.002 s" must not replace what the color did answer."""
+    now = [0.0]
+    budgets: list[float] = []
+
+    def scripted(_host: str, _port: int, _health: Health, timeout: float) -> Probe:
+        budgets.append(timeout)
+        if timeout < 1.0:  # too short for this color to answer
+            return Probe(False, f"no answer within {timeout:g} s")
+        return Probe(False, "200 without 'go' in body", answered=True)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(health, "probe", scripted)
+    result = wait_healthy("127.0.0.1", PORT, Health(path="/", timeout=1.5, interval=0.5,
+                                                   expect_body="go"),
+                          still_running=lambda: "", clock=lambda: now[0], sleep=sleep)
+    assert budgets == [1.0, 1.0, 0.5], budgets  # the last one was cut short
+    assert result.detail == "200 without 'go' in body after 1.5 s"
