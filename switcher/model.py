@@ -195,6 +195,7 @@ class RouterSettings:
     body_timeout: float = 60.0
     response_timeout: float = 60.0
     tunnels: tuple[str, ...] = ("websocket",)
+    metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -206,7 +207,7 @@ class RouterSettings:
             "max_header_bytes": self.max_header_bytes,
             "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
             "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
-            "tunnels": list(self.tunnels),
+            "tunnels": list(self.tunnels), "metrics": self.metrics,
         }
 
     @classmethod
@@ -224,4 +225,5 @@ class RouterSettings:
             body_timeout=float(raw.get("body_timeout", 60.0)),
             response_timeout=float(raw.get("response_timeout", 60.0)),
             tunnels=tuple(str(t) for t in raw.get("tunnels", ("websocket",))),
+            metrics=str(raw.get("metrics", "")),
         )

@@ -11,7 +11,13 @@ line; a connection may carry several requests in turn. Peers other than root or 
        "fallback_open": "blue", "inflight": {"blue": 3, "green": 12},
        "total": {"blue": 812, "green": 95}, "errors": {"blue": 0, "green": 0},
        "builds": {"blue": "b1", "green": "b2"}, "state_source": "state.json",
-       "drain_until": 1790000010.0, "switched_at": 1790000000.0, "stopping": false}
+       "drain_until": 1790000010.0, "switched_at": 1790000000.0, "stopping": false,
+       "started_at": 1789990000.0,
+       "counters": {"blue": FIGURES, "green": FIGURES},
+       "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES}}
+    → {"cmd": "figures", "seconds": 60}
+    ← {"ok": true, "started_at": 1789990000.0, "seconds": 60.0,
+       "colors": {"blue": FIGURES, "green": FIGURES}}
     → {"cmd": "switch", "target": "green", "fallback": {"color": "blue", "until": <epoch>},
        "drain_until": <epoch>, "builds": {"green": "b2"}}
     ← {"ok": true, "serving": "green", "previous": "blue", "switched_at": <epoch>}
@@ -21,6 +27,27 @@ line; a connection may carry several requests in turn. Peers other than root or 
     ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
     → anything else
     ← {"ok": false, "error": "unknown cmd 'foo'; one of: fallback, reload, status, switch"}
+
+FIGURES is one color's account (:class:`switcher.router.tally.Tally`):
+
+    {"responses": {"1xx": 0, "2xx": 812, "3xx": 0, "4xx": 3, "5xx": 1},
+     "failures": {"refused": 0, "reset": 0, "timeout": 0},
+     "connections": 0,
+     "duration": {"le": [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+                  "counts": [700, 90, 20, 4, 2, 0, 0, 0, 0, 0, 0, 0], "sum": 4.21}}
+
+``responses`` are the color's answers by class (http mode); ``failures`` what the router saw
+itself: ``refused`` (a connect refused, counted against this color even when the fallback
+then served the client), ``reset`` (the connection broke, or the color broke HTTP), and
+``timeout`` (no answer within ``response_timeout``; tcp: no accept within the connect
+timeout). ``connections`` are the client connections forwarded to the color (tcp mode).
+``duration`` is a histogram of request head received → last byte relayed (http mode):
+``counts[i]`` answers took at most ``le[i]`` seconds and more than ``le[i-1]``; the last
+count is beyond 10 s. ``counters`` are cumulative since ``started_at``, when this router
+process started: a restarted router starts from zero, and callers re-baseline. ``recent``
+and ``figures`` are differences over the last ``seconds`` (at most 300, from a ring of one
+snapshot a second; ``seconds`` in the answer is what the ring covered, less for a router
+younger than that).
 
 ``switch`` answers once every new connection goes to ``target``; open connections stay
 where they are until ``drain_until``, when those on other colors are cut. Its ``fallback``
