@@ -26,7 +26,8 @@ line; a connection may carry several requests in turn. Peers other than root or 
     → {"cmd": "reload"}
     ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
     → anything else
-    ← {"ok": false, "error": "unknown cmd 'foo'; one of: fallback, reload, status, switch"}
+    ← {"ok": false, "error": "unknown cmd 'foo'; one of: figures, fallback, reload, status,
+       switch"}
 
 FIGURES is one color's account (:class:`switcher.router.tally.Tally`):
 
@@ -105,6 +106,7 @@ class Commands(Protocol):
                builds: dict[Color, str | None]) -> Reply: ...
     def set_fallback(self, fallback: Fallback | None) -> Reply: ...
     def reload(self) -> Reply: ...
+    def figures(self, seconds: float) -> Reply: ...
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -154,8 +156,16 @@ def _reload(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.reload()
 
 
+def _figures(commands: Commands, message: dict[str, Any]) -> Reply:
+    seconds = message.get("seconds")
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        raise BadRequestError(f"seconds: expected a number of seconds, got {seconds!r}")
+    return commands.figures(float(seconds))
+
+
 HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
     "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
+    "figures": _figures,
 }
 
 

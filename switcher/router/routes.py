@@ -1,6 +1,6 @@
 """The routing table: which color gets new work, and one account per color for both modes.
 
-    Routes ── live ──▶ Backend(color, address)   inflight · total · errors
+    Routes ── live ──▶ Backend(color, address)   inflight · total · errors · tally
       │ conns: every client connection admitted (a tcp.Link or an http.proxy.Conn)
       │ view:  the router's State (active color, fallback window, drain_until)
 
@@ -10,10 +10,12 @@ connect, that it is gone. The account of a color means the same in both modes wh
 can: ``inflight`` is what "drained" waits for (tcp: connections open on the color; http:
 requests sent and not answered whole, and tunnels), ``total`` what the color took (tcp:
 connections it accepted; http: requests sent to it), ``errors`` what failed on it
-(refused, unreachable, broken).
+(refused, unreachable, broken), and ``tally`` the same failures by reason with its answers
+(:mod:`.tally`); ``accepted`` counts client connections, ``switches`` the switches.
 
 Timers: at ``drain_until`` the table cuts what is left on colors other than the serving one;
-every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer).
+every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer),
+and every ``MARK_EVERY`` it puts a snapshot of every tally in the ring.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from typing import Protocol
 
 from switcher.model import Color, Fallback, RouterSettings, State
 from switcher.router.activation import log
+from switcher.router.tally import Failure, Ring, Snapshot, Tally, minus
 
 SWEEP_EVERY = 0.5  # seconds between checks of http timeouts (no per-request timers)
+MARK_EVERY = 1.0  # seconds between snapshots in the ring
 
 
 class Backend:
     """One color: where it listens and what it carries (the same account in both modes)."""
 
-    __slots__ = ("address", "color", "errors", "inflight", "total")
+    __slots__ = ("address", "color", "errors", "inflight", "tally", "total")
 
     def __init__(self, color: Color, address: tuple[str, int] | None = None) -> None:
         self.color = color
@@ -40,6 +44,11 @@ class Backend:
         self.inflight = 0
         self.total = 0
         self.errors = 0
+        self.tally = Tally()
+
+    def failed(self, failure: Failure) -> None:
+        self.errors += 1
+        self.tally.failures[failure] += 1
 
 
 class Client(Protocol):
@@ -71,6 +80,10 @@ class Routes:
         self.idle = asyncio.Event()  # set when stopping and the last connection is gone
         self.cut_timer: asyncio.TimerHandle | None = None
         self.sweeping: asyncio.TimerHandle | None = None
+        self.accepted = 0  # client connections admitted, ever
+        self.switches = 0
+        self.ring = Ring(len(self.backends), time.monotonic())
+        self.marking: asyncio.TimerHandle | None = None
 
     # -- called by connections ---------------------------------------------------------------
 
@@ -83,6 +96,7 @@ class Routes:
         if len(self.conns) >= self.max_connections:
             return False
         self.conns.add(conn)
+        self.accepted += 1
         return True
 
     def gone(self, conn: Client) -> None:
@@ -119,6 +133,7 @@ class Routes:
         self.serve(replace(view, active=target, fallback=fallback, drain_until=drain_until,
                            builds={**view.builds, **builds},
                            previous=before if before not in (None, target) else view.previous))
+        self.switches += 1
         self._after_change()
         return before
 
@@ -141,10 +156,29 @@ class Routes:
     def inflight(self, color: Color) -> int:
         return self.backends[color].inflight
 
+    # -- figures -----------------------------------------------------------------------------
+
+    def snapshots(self) -> tuple[Snapshot, ...]:
+        """Every color's tally now, in Color order."""
+        return tuple(self.backends[c].tally.snapshot() for c in Color)
+
+    def figures(self, seconds: float) -> tuple[float, dict[Color, Snapshot]]:
+        """What each color did over the last ``seconds`` (as far as the ring reaches):
+        (the seconds covered, a Snapshot of differences per color)."""
+        now = time.monotonic()
+        covered, older = self.ring.since(now, seconds)
+        newer = self.snapshots()
+        return covered, {c: minus(n, o) for c, n, o in zip(Color, newer, older, strict=True)}
+
     # -- timers ------------------------------------------------------------------------------
 
     def start_sweeping(self) -> None:
         self.sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
+        self.marking = self.loop.call_later(MARK_EVERY, self._mark)
+
+    def _mark(self) -> None:
+        self.ring.mark(time.monotonic(), self.snapshots())
+        self.marking = self.loop.call_later(MARK_EVERY, self._mark)
 
     def _sweep(self) -> None:
         now = time.monotonic()

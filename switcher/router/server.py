@@ -2,8 +2,9 @@
 
 - startup: read ``router.json`` and the router's view of ``state.json``; serve each socket
   systemd passed (with ``backlog``: asyncio and uvloop would otherwise ``listen(100)`` on
-  the shared socket, and it stays 100 after the router exits) and the control socket; then
-  READY=1, STATUS= about once a second when it changed, and WATCHDOG=1 from the event loop.
+  the shared socket, and it stays 100 after the router exits), the control socket and the
+  metrics listener (if ``metrics`` is set; :mod:`.metrics`); then READY=1, STATUS= about
+  once a second when it changed, and WATCHDOG=1 from the event loop.
 - serve: each accepted connection gets the handler of the mode in effect then — a
   :class:`switcher.router.tcp.Link` (mode tcp, forwards the connection) or a
   :class:`switcher.router.http.proxy.Conn` (mode http, forwards its requests) — and keeps
@@ -41,12 +42,14 @@ from typing import Any
 from switcher import state as files
 from switcher.errors import NeedsRepairError, SwitchError, UsageError
 from switcher.model import Color, Fallback, Mode, RouterSettings, State
-from switcher.router import tcp
+from switcher.router import metrics, tcp
 from switcher.router.activation import Notifier, log
 from switcher.router.control import ControlServer, ControlSocketError, open_control
 from switcher.router.http import proxy
 from switcher.router.http.request import Limits
+from switcher.router.metrics import ColorMetrics, Metrics, MetricsServer
 from switcher.router.routes import Routes
+from switcher.router.tally import RECENT_SECONDS, RING_SECONDS, Snapshot, figures_json
 
 STATUS_EVERY = 1.0  # seconds between STATUS= checks (each update costs PID 1 ~0.1 ms)
 
@@ -126,6 +129,8 @@ class Router:
         self.servers: list[asyncio.AbstractServer] = []
         self.control: ControlServer | None = None
         self.control_problem = ""
+        self.metrics: MetricsServer | None = None
+        self.started_at = time.time()  # a restarted router counts from zero again
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
     def _handler(self, settings: RouterSettings) -> Callable[[], asyncio.Protocol]:
@@ -161,6 +166,7 @@ class Router:
             # Traffic matters more than deploys: serve, and say so in STATUS= and the log.
             log("err", f"{e}; serving without a control socket")
             self.control_problem = "no control socket"
+        await self._open_metrics()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.routes.schedule_cut()
@@ -212,7 +218,23 @@ class Router:
             await asyncio.sleep(0)  # let the transports report their loss
         if self.control is not None:
             self.control.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log("info", "stopped")
+
+    async def _open_metrics(self) -> None:
+        address = self.settings.metrics
+        if not address:
+            return
+        server = MetricsServer(self.scrape)
+        try:
+            await server.start(address)
+        except (OSError, ValueError) as e:
+            # Like the control socket: traffic matters more than its figures.
+            log("err", f"cannot serve metrics on {address}: {e}; serving without them")
+            self.control_problem = "no metrics listener"
+            return
+        self.metrics = server
 
     # -- commands (called by control) --------------------------------------------------------
 
@@ -231,7 +253,34 @@ class Router:
             "builds": {c.value: b for c, b in view.builds.items()},
             "state_source": self.source, "drain_until": view.drain_until,
             "switched_at": self.switched_at, "stopping": self.stopping,
+            "started_at": self.started_at,
+            "metrics": self.settings.metrics if self.metrics is not None else "",
+            "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),
+            "recent": self._recent(),
         }
+
+    def _recent(self) -> dict[str, Any]:
+        covered, figures = self.routes.figures(RECENT_SECONDS)
+        return {"seconds": round(covered, 3), **_per_color(figures.items())}
+
+    def figures(self, seconds: float) -> dict[str, Any]:
+        if not 0 < seconds <= RING_SECONDS:
+            raise UsageError(f"figures: seconds must be above 0 and at most {RING_SECONDS} "
+                             f"(the ring's length), got {seconds!r}")
+        covered, figures = self.routes.figures(seconds)
+        return {"ok": True, "started_at": self.started_at, "seconds": round(covered, 3),
+                "colors": _per_color(figures.items())}
+
+    def scrape(self) -> str:
+        routes = self.routes
+        live = routes.live
+        builds = self.view.builds
+        return metrics.render(Metrics(
+            env=self.settings.env, canary_percent=0, switches=routes.switches,
+            connections=routes.accepted,
+            colors=[ColorMetrics(c.value, snap, routes.inflight(c), live is not None and
+                                 live.color is c, builds.get(c) or "")
+                    for c, snap in zip(Color, routes.snapshots(), strict=True)]))
 
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> dict[str, Any]:
@@ -257,7 +306,7 @@ class Router:
         connections accepted from now on."""
         settings = load_settings(self.env_dir)
         view, source = load_view(self.env_dir)
-        restart = [key for key in ("backlog", "control_socket", "control_group")
+        restart = [key for key in ("backlog", "control_socket", "control_group", "metrics")
                    if getattr(settings, key) != getattr(self.settings, key)]
         self.settings = settings
         self.handler = self._handler(settings)
@@ -294,6 +343,12 @@ class Router:
         # Fed from the event loop: a stuck loop stops the pings and systemd restarts us.
         self.notifier.send("WATCHDOG=1")
         self.loop.call_later(interval, self._tick_watchdog, interval)
+
+
+def _per_color(figures: Any) -> dict[str, Any]:
+    """{color: FIGURES} from (Color, Snapshot) pairs."""
+    pairs: list[tuple[Color, Snapshot]] = list(figures)
+    return {c.value: figures_json(snap) for c, snap in pairs}
 
 
 def _name(color: Color | None) -> str | None:

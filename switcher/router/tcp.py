@@ -22,6 +22,7 @@ from typing import cast
 
 from switcher.model import Color
 from switcher.router.routes import Backend, Routes
+from switcher.router.tally import Failure
 
 # Colors listen on the same host: a connect either completes or is refused at once, unless
 # the color is stuck (its accept queue full), where the kernel would retry SYNs for minutes.
@@ -159,7 +160,7 @@ class Link(asyncio.Protocol):
                 other = self.routes.fallback(self.tried)
                 if other is None:
                     break
-                backend.errors += 1
+                backend.failed(Failure.refused)
                 self._assign(other)
                 backend = other
                 address = cast(tuple[str, int], other.address)
@@ -175,7 +176,7 @@ class Link(asyncio.Protocol):
             finally:
                 timer.cancel()
         self.connecting = None
-        backend.errors += 1
+        backend.failed(Failure.timeout if self.timed_out else Failure.refused)
         self._forget()
         self.close()
 
@@ -192,8 +193,10 @@ class Link(asyncio.Protocol):
             transport.abort()
             return
         self.upstream = transport
-        if self.backend is not None:
-            self.backend.total += 1
+        backend = self.backend
+        if backend is not None:
+            backend.total += 1
+            backend.tally.connections += 1
         if self.held:
             if self.held_paused:
                 self.held_paused = False

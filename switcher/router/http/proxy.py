@@ -76,6 +76,7 @@ from switcher.router.http.wire import (
     forwarding,
 )
 from switcher.router.routes import Backend, Routes
+from switcher.router.tally import Failure
 
 # Client bytes held while no color can take them (connecting, or before an Upgrade's 101).
 HOLD_LIMIT = 256 * 1024
@@ -199,7 +200,7 @@ class Conn(RequestReader, asyncio.Protocol):
         req = Request()
         req.ready = req.done = req.fast = True
         req.head = head = data[:-2] + self.fwd_end
-        self.since = _now()  # response_timeout runs from here
+        req.began = self.since = _now()  # response_timeout and the duration run from here
         self.queue.append(req)
         up, backend = self.up, self.routes.live
         if up is not None and backend is not None and up.backend is backend and \
@@ -291,6 +292,7 @@ class Conn(RequestReader, asyncio.Protocol):
     async def _open(self, backend: Backend) -> None:
         loop = self.routes.loop
         tried = []
+        failure = Failure.refused  # how the last color tried failed, unless it timed out
         while True:
             tried.append(backend.color)
             try:
@@ -302,18 +304,21 @@ class Conn(RequestReader, asyncio.Protocol):
                 other = self.routes.fallback(tried)
                 if other is None or other.address is None or self.backend is not backend:
                     break
-                backend.errors += 1
+                backend.failed(Failure.refused)
                 backend.inflight -= 1
                 other.inflight += 1
                 other.total += 1
                 self.backend = backend = other
-            except (OSError, TimeoutError):
+            except TimeoutError:
+                failure = Failure.timeout
+                break
+            except OSError:
                 break
             else:
                 self.connecting = None
                 return
         self.connecting = None
-        backend.errors += 1
+        backend.failed(failure)
         if self.backend is backend:
             self._fail(UNREACHABLE)
 
@@ -332,15 +337,17 @@ class Conn(RequestReader, asyncio.Protocol):
     def response_done(self, up: Upstream) -> None:
         req = self.queue.popleft()
         backend = self.backend
+        now = _now()
         if backend is not None:  # (_release, inlined: this runs for every response)
             backend.inflight -= 1
+            backend.tally.answered(up.status, now - req.began)
             self.backend = None
         up.request = None
         if up.keep and req.done and req.keep_alive and not up.close_client and \
                 not self.queue and up.backend is self.routes.live and \
                 not (self.stopping or self.client_eof):
             # The usual end: both connections stay, nothing waits (no need for _pump).
-            self.since = _now()
+            self.since = now
             self.fresh = False
             if self.paused:
                 self._flow()
@@ -353,7 +360,7 @@ class Conn(RequestReader, asyncio.Protocol):
                 (self.client_eof and not self._answerable()):
             self._close()
             return
-        self.since = _now()
+        self.since = now
         self.fresh = False
         self._pump()
 
@@ -368,6 +375,7 @@ class Conn(RequestReader, asyncio.Protocol):
             return  # an idle connection ended: the next request opens another
         req = self.queue[0]
         if up.started:
+            up.backend.failed(Failure.reset)
             self._close(abort=True)  # the client must see its response was cut short
         elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT \
                 and req.head.partition(b" ")[0] in SAFE_METHODS:
@@ -378,13 +386,15 @@ class Conn(RequestReader, asyncio.Protocol):
             req.out = [req.head]
             self._pump()
         else:
-            up.backend.errors += 1
+            up.backend.failed(Failure.reset)
             self._fail(BROKEN if up.seen else UNREACHABLE)
 
     def become_tunnel(self, up: Upstream) -> None:
         """The color agreed to an Upgrade or CONNECT: bytes flow both ways from now on."""
         self.tunnel = True
         self.upgrading = False
+        if self.backend is not None and self.queue:
+            self.backend.tally.answered(up.status, _now() - self.queue[0].began)
         self.queue.clear()
         up.request = None
         transport = cast(asyncio.Transport, up.transport)
@@ -454,7 +464,7 @@ class Conn(RequestReader, asyncio.Protocol):
                     self._fail(BODY_TIMEOUT)
         elif (up is None or not up.seen) and now - self.since > self.limits.response_timeout:
             backend = cast(Backend, self.backend)
-            backend.errors += 1
+            backend.failed(Failure.timeout)
             self._fail(RESPONSE_TIMEOUT)
 
     def leave_idle(self, live: Backend | None) -> None:
@@ -712,6 +722,7 @@ class Upstream(ResponseReader, asyncio.Protocol):
         if body > length or conn.stopping or conn.dead:
             return False
         self.seen = self.started = True
+        self.status = (data[9] - 48) * 100  # the class is all the tally needs
         self.client.write(data)
         if body == length:
             self.keep = self.done = True

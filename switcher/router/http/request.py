@@ -128,6 +128,7 @@ class Request:
     chunked = False
     body = False
     fast = False  # its response may take the fast path
+    began = 0.0  # monotonic time its head was read whole (the duration runs from here)
     head = b""  # as sent upstream: a bodiless request may be sent again
     received = 0  # chunked: body bytes read so far
     framing = 0  # chunked: bytes of chunk framing read so far (roughly: see Conn)
@@ -231,6 +232,7 @@ class RequestReader:
     def on_headers_complete(self) -> None:
         self.in_head = False
         req = cast(Request, self.req)
+        req.began = _now()
         parser = self.parser
         self._check_head(req, parser.get_http_version())
         method = parser.get_method()
