@@ -20,6 +20,10 @@ differently (a test makes a "bad build" by dropping a file into it)::
     CRASH_AFTER     exit 1 this many seconds after it started serving (a build that crashes)
     HEALTH_DELAY    seconds the health path takes to answer (a health check that times out)
     UNHEALTHY_AFTER the health path answers 500 from this many seconds after serving began
+    PAGE_DELAY      seconds every other GET takes to start its answer (a slow build; a large
+                    value: a build that never answers its pages, released when it stops)
+    DEAF_AFTER      close the listening socket this many seconds after serving began, and
+                    stay up (a build that stops listening)
     IGNORE_SIGTERM  "1": ignore SIGTERM (a build systemd must SIGKILL at stop_timeout)
     ACCESS_LOG      "1": log every request to stderr (off: it floods the journal under load)
 
@@ -108,6 +112,8 @@ class Settings:
     health_delay: float
     unhealthy_after: float | None
     access_log: bool
+    page_delay: float
+    deaf_after: float | None
 
     @classmethod
     def load(cls) -> Settings:
@@ -129,6 +135,8 @@ class Settings:
             health_delay=number("HEALTH_DELAY", 0.0) or 0.0,
             unhealthy_after=number("UNHEALTHY_AFTER"),
             access_log=setting("ACCESS_LOG", "") == "1",
+            page_delay=number("PAGE_DELAY", 0.0) or 0.0,
+            deaf_after=number("DEAF_AFTER"),
         )
 
 
@@ -148,6 +156,7 @@ class AppServer(ThreadingHTTPServer):
         self.settings = settings
         self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self.stopping = False
+        self.stopped = threading.Event()  # releases the answers PAGE_DELAY holds
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._busy: dict[socket.socket, bool] = {}
@@ -175,8 +184,14 @@ class AppServer(ThreadingHTTPServer):
             self._busy[request] = busy
             return not self.stopping
 
+    def go_deaf(self) -> None:
+        log("DEAF_AFTER: closing the listening socket, staying up")
+        self.shutdown()
+        self.socket.close()
+
     def stop(self) -> None:
         """Stop accepting, close idle connections, wait for the in-flight requests."""
+        self.stopped.set()
         self.shutdown()
         self.socket.close()
         with self._lock:
@@ -218,7 +233,10 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == self.server.settings.health_path:
             self.send_health()
-        elif url.path == "/":
+            return
+        if self.server.settings.page_delay:
+            self.server.stopped.wait(self.server.settings.page_delay)
+        if url.path == "/":
             self.send_json(self.server.identity())
         elif url.path == "/slow":
             self.send_slow(parse_qs(url.query))
@@ -340,6 +358,10 @@ def serve(settings: Settings) -> int:
         log(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         return 1
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL,), name="accept").start()
+    if settings.deaf_after is not None:
+        deaf = threading.Timer(settings.deaf_after, server.go_deaf)
+        deaf.daemon = True
+        deaf.start()
     log(
         f"serving build {settings.build} color {settings.color or '-'} "
         f"on {settings.host}:{settings.port}"

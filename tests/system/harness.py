@@ -31,7 +31,7 @@ ENV_BODY = """\
 listen = {listen}
 ports = {{ blue = {blue}, green = {green} }}
 builds = "{builds}"
-exec = "{python} {app}"
+exec = "{command}"
 drain = {drain}
 watch = {watch}
 standby = {standby}
@@ -92,8 +92,10 @@ class Env:
         health_extra: str = "",
         listen: str | None = None,
         also: str = "",
+        command: str = "",
     ) -> None:
-        """Write the config; ``also`` is appended (e.g. another environment's tables)."""
+        """Write the config; ``also`` is appended (e.g. another environment's tables);
+        ``command`` replaces the sample app as ``exec``."""
         self.builds.mkdir(parents=True, exist_ok=True)
         self.home.chmod(0o755)
         body = ENV_BODY.format(
@@ -102,8 +104,7 @@ class Env:
             blue=self.blue,
             green=self.green,
             builds=self.builds,
-            python=sys.executable,
-            app=APP,
+            command=command or f"{sys.executable} {APP}",
             drain=drain,
             watch=watch,
             standby=standby,
