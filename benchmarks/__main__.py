@@ -46,6 +46,7 @@ from benchmarks.targets import (
 )
 from benchmarks.wrk import Sample, Wrk, WrkError
 from switcher.model import Mode
+from switcher.router.control import request
 
 ROOT = Path(__file__).resolve().parents[1]
 PAUSE = 0.5  # seconds between wrk runs (lets TIME_WAIT churn and the CPUs settle)
@@ -227,6 +228,7 @@ def measure_data_plane(targets: list[Target], args: argparse.Namespace,
                 peak = 0
                 for test, (path, conns, close) in tests.items():
                     cpu = t.cpu_seconds()
+                    blocks = allocated_blocks(t)
                     with rss_peak(t) as peak_of:
                         sample = wrk.run(t.url + path, connections=conns,
                                          seconds=args.seconds, close=close)
@@ -234,6 +236,10 @@ def measure_data_plane(targets: list[Target], args: argparse.Namespace,
                     peak = max(peak, peak_of())
                     t.check_alive()
                     record(results[t.name], test, sample, cpu)
+                    grown = allocated_blocks(t)
+                    if test == "keepalive" and blocks is not None and grown is not None:
+                        results[t.name]["figures"].setdefault("blocks_per_100k", []).append(
+                            (grown - blocks) / max(sample.requests, 1) * 1e5)
                     time.sleep(PAUSE)
                 if t.proc is not None and t.kind != "direct":
                     results[t.name]["figures"].setdefault("rss_mb", []).append(peak / 1e6)
@@ -264,6 +270,15 @@ def record(result: dict[str, Any], test: str, sample: Sample, cpu: float) -> Non
         figures.setdefault("big_mib_s", []).append(sample.mib_s)
         figures.setdefault("big_cpu_ms_per_gib", []).append(
             cpu * 1000 / max(sample.bytes / 2**30, 1e-9))
+
+
+def allocated_blocks(target: Target) -> int | None:
+    """The router's ``sys.getallocatedblocks()`` (its control ``status``), or None: not a
+    router, or one from before it reported them (a --baseline)."""
+    if target.control is None:
+        return None
+    blocks = request(target.control, {"cmd": "status"}, timeout=5).get("allocated_blocks")
+    return blocks if isinstance(blocks, int) else None
 
 
 @contextmanager

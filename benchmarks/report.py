@@ -40,6 +40,9 @@ FIGURES = (
     Figure("p99_ms", "p99 ms (keep-alive)", "ms", False, 2),
     Figure("big_mib_s", "1 MiB responses, MiB/s", "MiB/s", True, 0),
     Figure("rss_mb", "peak RSS MB", "MB", False, 1),
+    # Memory that stays per request: Python's allocated blocks after a keep-alive run minus
+    # before it, per 100k requests (flat: about 0).
+    Figure("blocks_per_100k", "allocated blocks kept per 100k requests", "blocks", False, 0),
 )
 # CPU time the target's own process spent per unit of work: much less sensitive than
 # throughput to other work on a shared machine, so the better gauge of a code change.

@@ -34,6 +34,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -255,6 +256,7 @@ class Router:
             "switched_at": self.switched_at, "stopping": self.stopping,
             "started_at": self.started_at,
             "metrics": self.settings.metrics if self.metrics is not None else "",
+            "allocated_blocks": sys.getallocatedblocks(),  # flat under load: benchmarks/
             "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),
             "recent": self._recent(),
         }
