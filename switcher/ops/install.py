@@ -64,7 +64,7 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         max_header_bytes=env.router.max_header_bytes,
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
-        tunnels=tuple(env.router.tunnels),
+        tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
     )
 
 
