@@ -140,6 +140,12 @@ class Environment:
     def mode(self) -> Mode:
         return Mode(self.router.mode)
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(address, port) of the router's metrics listener (IPv6 unbracketed); None: off."""
+        split = split_address(self.router.metrics)
+        return (split[0].strip("[]"), split[1]) if split else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
