@@ -180,6 +180,32 @@ class Figures:
                 "failures": self.by_reason(), "p95": None if p95 is None else round(p95, 4)}
 
 
+@dataclass
+class Since:
+    """One color's figures since T0, from cumulative counters read look after look, across
+    router restarts: a new ``started_at`` is a new router counting from zero, so what the
+    old one had counted since T0 (its last good reading) is kept and the new one's counters
+    are added in full. Never negative: counters that went down under the same start time
+    are taken as a restart too."""
+
+    started_at: float
+    snapshot: Figures  # the counters at T0, of the router that started at started_at
+    carried: Figures = Figures()  # counted since T0 by routers before this one
+    last: Figures = Figures()  # the last good window
+    restarts: int = 0
+    seen: Figures | None = None  # the counters as last read (at first: the snapshot)
+
+    def update(self, started_at: float, counters: Figures) -> Figures:
+        # Each reading is at least the one before (hence the snapshot), or it is a new router.
+        if started_at != self.started_at or counters.since(self.seen or self.snapshot) is None:
+            self.started_at, self.snapshot = started_at, Figures()
+            self.carried = self.last
+            self.restarts += 1
+        self.seen = counters
+        self.last = self.carried + (counters - self.snapshot)
+        return self.last
+
+
 def _list(raw: dict[str, Any], key: str, default: tuple[Any, ...]) -> list[Any]:
     value = raw.get(key, list(default))
     if not isinstance(value, list):

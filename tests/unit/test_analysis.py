@@ -13,16 +13,10 @@ from switcher import analysis
 from switcher.analysis import BOUNDS, Figures, Rule, judge, percent, rise_lower_bound
 from switcher.config import Analysis
 from switcher.model import Color
+from tests.fakes import answers
 
 DEFAULTS = Analysis()
 STRICT = dataclasses.replace(DEFAULTS, max_error_rate=0.0)
-
-
-def answers(ok: int = 0, failed_5xx: int = 0, *, refused: int = 0, timed: tuple[int, ...] = ()
-            ) -> Figures:
-    counts = timed + (0,) * (len(BOUNDS) + 1 - len(timed))
-    return Figures(responses=(0, ok, 0, 0, failed_5xx), failures=(refused, 0, 0),
-                   counts=counts)
 
 
 # ---------------------------------------------------------------- figures
@@ -231,3 +225,16 @@ def test_the_simulation_can_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random("control")
     alarms = sum(watch(rng, STRICT, old=0.05, new=0.05) is not None for _ in range(200))
     assert alarms > 50
+
+
+# ---------------------------------------------------------------- windows across restarts
+
+def test_a_window_since_the_switch_survives_router_restarts() -> None:
+    since = analysis.Since(started_at=100.0, snapshot=answers(500, 5))
+    assert since.update(100.0, answers(530, 6)) == answers(30, 1)
+    # A new router (a new start time) counts from zero: the first one's 30 + 1 are kept.
+    assert since.update(160.0, answers(10)) == answers(40, 1)
+    assert since.update(160.0, answers(20, 2)) == answers(50, 3)
+    # Counters that went down under the same start time are a restart too, never negative.
+    assert since.update(160.0, answers(5)) == answers(55, 3)
+    assert since.restarts == 2
