@@ -238,7 +238,8 @@ class Deployer(Site):
 
     def _traffic(self, target: Color, old: Color | None) -> Traffic:
         """Just before the switch: what the watch will judge the target's traffic against."""
-        traffic = Traffic(self.router, self.env.analysis, target, self.say)
+        traffic = Traffic(self.router, self.env.analysis, target, self.say,
+                          timeout=max(self.env.health.interval, 1.0))
         if old is None:
             traffic.missing = "the first deploy: no old color to compare with"
         else:

@@ -40,6 +40,7 @@ class Traffic:
     settings: Analysis
     target: Color
     say: Say
+    timeout: float = 1.0  # per control request: a hung router must not stall the watch
     baseline: Figures | None = None  # the old color's, over baseline_seconds before T0
     baseline_seconds: float = 0.0
     since: Since | None = None
@@ -51,8 +52,9 @@ class Traffic:
         """Just before the switch: the old color's baseline (the ``figures`` command) and
         the target's counters as they stand (``status``), from which its window counts."""
         try:
-            window = routerctl.window(self.router.figures(self.settings.baseline))
-            now = routerctl.counters(self.router.status())
+            window = routerctl.window(self.router.figures(self.settings.baseline,
+                                                          self.timeout))
+            now = routerctl.counters(self.router.status(self.timeout))
         except UNREADABLE as exc:
             self.missing = f"the router gave no figures before the switch: {_why(exc)}"
             self.say(f"warning: {self.missing}; the watch judges health and process only")
@@ -68,7 +70,7 @@ class Traffic:
         if self.since is None or self.baseline is None:
             return None
         try:
-            now = routerctl.counters(self.router.status())
+            now = routerctl.counters(self.router.status(self.timeout))
         except UNREADABLE as exc:
             self._unread(exc)
             return None
