@@ -285,9 +285,9 @@ def _baseline_counts(baseline: Figures, settings: Analysis) -> tuple[int, int]:
     baseline never blocks a judgment (0 answers would bound the old share by 1), the
     judgment does not jump as the baseline crosses min_requests, and its width still
     spares a new color whose share is only as high as an unmeasured old one could be:
-    with the defaults an idle baseline fails the new color above a share of about 25 %
-    (a build failing every page fails at its first look), a measured one above a few
-    points."""
+    with the defaults an idle baseline fails the new color above a share of 26–30 % (a
+    build failing every page fails at its first look), where a measured one (0.4 % of
+    1000 answers) fails it above 5–10 %, as its own answers grow from 1000 down to 100."""
     return baseline.failed, max(baseline.answers, settings.min_requests)
 
 
