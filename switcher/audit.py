@@ -13,6 +13,8 @@ failure, with structured fields (outside systemd, ``journal.send`` is silently a
     ALIVE_SWITCH_PHASE      the phase it failed in (or "done")
     ALIVE_SWITCH_OUTCOME    ok | failed | switched-back
     ALIVE_SWITCH_TIMINGS    per-phase seconds, JSON
+    ALIVE_SWITCH_VERDICT    the watch's verdict on the new color's traffic, pass or fail
+    ALIVE_SWITCH_ANALYSIS   the watch's figures per color and verdict, JSON (ops/traffic.py)
 
 Read it back: ``journalctl SYSLOG_IDENTIFIER=alive-switch ALIVE_SWITCH_ENV=production``.
 """
@@ -35,6 +37,9 @@ def send(app: str, record: dict[str, Any]) -> None:
     fields.setdefault("ALIVE_SWITCH_PHASE", "done")
     if record.get("phases"):
         fields["ALIVE_SWITCH_TIMINGS"] = json.dumps(record["phases"], sort_keys=True)
+    if record.get("analysis"):
+        fields["ALIVE_SWITCH_VERDICT"] = record["analysis"]["verdict"]["message"]
+        fields["ALIVE_SWITCH_ANALYSIS"] = json.dumps(record["analysis"], sort_keys=True)
     ok = record.get("outcome") == "ok"
     what = " ".join(str(record[k]) for k in ("kind", "build") if record.get(k))
     to = f" → {record['color']}" if record.get("color") else ""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from switcher.errors import ConfigError
-from switcher.model import Color, Mode
+from switcher.model import FIGURES_RING_SECONDS, Color, Mode
 
 DEFAULT_PATH = "/etc/alive-switch/alive-switch.toml"
 ENV_VAR = "ALIVE_SWITCH_CONFIG"
@@ -31,6 +31,7 @@ INTERNAL = "internal"  # filled in by the loader, not a TOML key
 UNIT_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EXEC_PREFIXES = "+!:-@|"
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def required() -> Any:
@@ -79,6 +80,17 @@ class Router:
     body_timeout: float = 60.0
     response_timeout: float = 60.0
     tunnels: list[str] = field(default_factory=lambda: ["websocket"])
+    metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
+
+
+@dataclass(frozen=True, kw_only=True)
+class Analysis:
+    """How a new color is judged on live traffic (see switcher/analysis.py)."""
+
+    max_error_rate: float = 0.02  # tolerated rise of its failure share over the baseline
+    min_requests: int = 50  # fewer answers than this: not judged on traffic
+    baseline: float = 60.0  # seconds before T0 that give the old color's share and p95
+    max_latency_ratio: float = 0.0  # 0 = off; else p95 > ratio × baseline p95 + 0.05 s fails
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +121,7 @@ class Environment:
     health: Health = required()
     unit: UnitSettings = field(default_factory=UnitSettings)
     router: Router = field(default_factory=Router)
+    analysis: Analysis = field(default_factory=Analysis)
     checks: Checks = field(default_factory=Checks)
 
     def port(self, color: Color) -> int:
@@ -126,6 +139,12 @@ class Environment:
     @property
     def mode(self) -> Mode:
         return Mode(self.router.mode)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(address, port) of the router's metrics listener (IPv6 unbracketed); None: off."""
+        split = split_address(self.router.metrics)
+        return (split[0].strip("[]"), split[1]) if split else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,7 +212,7 @@ def _load_env(path: str, name: str, body: Any) -> Environment:
     body = dict(body)
     subs: dict[str, Any] = {"name": name}
     for sub, cls in (("health", Health), ("unit", UnitSettings), ("router", Router),
-                     ("checks", Checks)):
+                     ("analysis", Analysis), ("checks", Checks)):
         if sub in body:
             if not isinstance(body[sub], dict):
                 raise ConfigError(path, f"{key}.{sub}", "expected a table",
@@ -300,15 +319,24 @@ def _validate_config(cfg: Config) -> None:
                               f"write an absolute path, e.g. {default}")
         _no_control(path, key, value)
         _no_specifier(path, key, value)
-    seen: dict[int, str] = {}
+    _validate_distinct_ports(cfg)
+
+
+def _validate_distinct_ports(cfg: Config) -> None:
+    """No two environments share a port (within one, _validate_ports and _validate_metrics
+    have already compared addresses)."""
+    seen: dict[int, tuple[str, str]] = {}
     for env in cfg.env.values():
+        metrics = split_address(env.router.metrics)
         for label, port in (("listen", env.listen_port), ("ports.blue", env.port(Color.blue)),
-                            ("ports.green", env.port(Color.green))):
-            if port in seen:
-                raise ConfigError(path, f"env.{env.name}.{label}",
-                                  f"port {port} is also used by {seen[port]}",
+                            ("ports.green", env.port(Color.green)),
+                            *((("router.metrics", metrics[1]),) if metrics else ())):
+            owner, where = seen.get(port, (env.name, ""))
+            if owner != env.name:
+                raise ConfigError(cfg.path, f"env.{env.name}.{label}",
+                                  f"port {port} is also used by {where}",
                                   "give every environment its own ports")
-            seen[port] = f"env.{env.name}.{label}"
+            seen.setdefault(port, (env.name, f"env.{env.name}.{label}"))
 
 
 def _validate_env(path: str, env: Environment) -> None:
@@ -324,6 +352,9 @@ def _validate_env(path: str, env: Environment) -> None:
         raise ConfigError(path, f"{key}.health.path", f"{env.health.path!r} does not start "
                           "with '/'", f"write e.g. \"/{env.health.path.lstrip('/')}\"")
     _validate_positive(path, key, env)
+    _validate_analysis(path, f"{key}.analysis", env.analysis)
+    if env.router.metrics:
+        _validate_metrics(path, f"{key}.router.metrics", env)
     _validate_enums(path, key, env)
     _validate_strings(path, key, env)
     if env.environment_file:
@@ -356,15 +387,86 @@ def _validate_ports(path: str, key: str, env: Environment) -> None:
 
 
 def _validate_listen(path: str, key: str, listen: str) -> None:
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d{1,5})", listen)
-    if not match:
+    split = split_address(listen)
+    if split is None:
         raise ConfigError(path, key, f"{listen!r} is not a port or ADDR:PORT",
                           "write 9000, \"127.0.0.1:9000\" or \"[::1]:9000\"")
     try:
-        ipaddress.ip_address(match.group(1).strip("[]"))
+        ipaddress.ip_address(split[0].strip("[]"))
     except ValueError:
-        raise ConfigError(path, key, f"{match.group(1)!r} is not an IP address",
+        raise ConfigError(path, key, f"{split[0]!r} is not an IP address",
                           "write e.g. \"127.0.0.1:9000\"") from None
+
+
+def split_address(value: str) -> tuple[str, int] | None:
+    """``"127.0.0.1:9000"`` / ``"[::1]:9000"`` → (address, port); None when not that shape."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d{1,5})", value)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _validate_metrics(path: str, key: str, env: Environment) -> None:
+    value = env.router.metrics
+    split = split_address(value)
+    if split is None:
+        raise ConfigError(path, key, f"{value!r} is not ADDR:PORT",
+                          "write e.g. \"127.0.0.1:9100\" or \"[::1]:9100\", or \"\" for no "
+                          "metrics listener")
+    address, port = split
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        raise ConfigError(path, key, f"{address!r} in {value!r} is not an IP address",
+                          "write e.g. \"127.0.0.1:9100\"") from None
+    if (ip.version == 6) != address.startswith("["):
+        raise ConfigError(path, key, f"{address!r} in {value!r}: an IPv6 address goes in "
+                          "brackets, an IPv4 one without", "write e.g. \"127.0.0.1:9100\" or "
+                          "\"[::1]:9100\"")
+    if not 1 <= port <= 65535:
+        raise ConfigError(path, key, f"port {port} in {value!r} is outside 1–65535",
+                          "pick a port between 1 and 65535")
+    for label, taken in _ports_of(env):
+        if taken[1] == port and _overlap(ip, taken[0]):
+            raise ConfigError(path, key, f"{value!r} is also env.{env.name}.{label} "
+                              f"({taken[0]} port {port})", "give the metrics listener a port "
+                              "of its own: the router serves the public port, the colors theirs")
+
+
+def _ports_of(env: Environment) -> list[tuple[str, tuple[Address, int]]]:
+    """The listeners the environment already has: the public socket (a bare port listens
+    on every address) and the two colors on ``host``."""
+    listen = split_address(str(env.listen))
+    public = ipaddress.ip_address(listen[0].strip("[]")) if listen else ipaddress.ip_address("::")
+    colors = ipaddress.ip_address(env.host)
+    return [("listen", (public, env.listen_port)),
+            *((f"ports.{c.value}", (colors, env.port(c))) for c in Color)]
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether listeners on ``a`` and ``b`` (same port) would clash: the same address, or
+    a wildcard that covers the other (``::`` is dual-stack, as systemd binds it)."""
+    return a == b or _covers(a, b) or _covers(b, a)
+
+
+def _covers(wildcard: Address, other: Address) -> bool:
+    return wildcard.is_unspecified and (wildcard.version == 6 or other.version == 4)
+
+
+def _validate_analysis(path: str, key: str, analysis: Analysis) -> None:
+    rules = (
+        ("max_error_rate", 0 <= analysis.max_error_rate <= 1, "is outside 0–1",
+         "write a share of the answers, e.g. 0.02 for 2 percentage points"),
+        ("min_requests", analysis.min_requests >= 1, "is below 1",
+         "write a whole number of answers, e.g. 50"),
+        ("baseline", 0 < analysis.baseline <= FIGURES_RING_SECONDS,
+         f"is outside (0, {FIGURES_RING_SECONDS}] seconds",
+         f"the router keeps the last {FIGURES_RING_SECONDS} s of figures: write e.g. 60"),
+        ("max_latency_ratio", analysis.max_latency_ratio >= 0, "is negative",
+         "write 0 (off) or a ratio such as 3"),
+    )
+    for name, ok, problem, fix in rules:
+        if not ok:
+            raise ConfigError(path, f"{key}.{name}", f"{getattr(analysis, name)!r} {problem}",
+                              fix)
 
 
 def _validate_exec(path: str, key: str, value: str) -> None:

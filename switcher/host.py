@@ -10,8 +10,10 @@ where ``ss`` is missing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +107,33 @@ def unit_of_pid(pid: int) -> str:
         if units and (line.startswith("0::") or "name=systemd" in line):
             return str(units[-1])
     return ""
+
+
+def bind_problem(address: str, port: int) -> str:
+    """"" when a listener can bind ``address:port`` now, else why not. It binds as servers
+    do (SO_REUSEADDR): server-side TIME_WAIT does not block that, so neither does it here."""
+    address = address.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+    return ""
+
+
+def listen_conflict(address: str, port: int, own_unit: str) -> str:
+    """"" when ``address:port`` can be listened on by ``own_unit`` (free, or ``own_unit``
+    already listens there), else who or what is in the way."""
+    problem = bind_problem(address, port)
+    if problem != os.strerror(errno.EADDRINUSE):
+        return problem
+    holders = port_holders(port)
+    foreign = [h for h in holders if h.unit != own_unit]
+    if holders and not foreign:
+        return ""
+    return f"held by {foreign[0].describe()}" if foreign else problem
 
 
 def socket_inodes_of(pid: int) -> set[int]:

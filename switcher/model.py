@@ -36,6 +36,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 STATE_SCHEMA = 1
+# The router keeps one snapshot of its per-color figures a second for this long: the
+# longest window the control socket's ``figures`` command (and analysis.baseline) can cover.
+FIGURES_RING_SECONDS = 300
 
 
 class Color(enum.StrEnum):

@@ -6,14 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from switcher.analysis import Figures
 from switcher.errors import RouterError, SwitchError
-from switcher.model import Color, Fallback, fallback_json
+from switcher.model import FIGURES_RING_SECONDS, Color, Fallback, fallback_json
 
 CONTROL_TIMEOUT = 5.0
 
 
 class Router(Protocol):
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]: ...
+    def figures(self, seconds: float, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]: ...
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]: ...
     def set_fallback(self, fallback: Fallback | None) -> None: ...
@@ -22,6 +24,50 @@ class Router(Protocol):
 def serving(status: dict[str, Any]) -> Color | None:
     value = status.get("serving")
     return Color(value) if value else None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Per-color figures from one answer of the router, and when that router started (its
+    counters count from then: a new start time is a new router, counting from zero)."""
+
+    started_at: float
+    colors: dict[Color, Figures]
+    seconds: float | None = None  # what a window covered; None: cumulative counters
+
+
+def counters(status: dict[str, Any]) -> Reading:
+    """The cumulative counters of a ``status`` answer; ValueError when it has none (a router
+    older than its figures) or they are malformed."""
+    return _reading(status.get("started_at"), status.get("counters"), None)
+
+
+def recent(status: dict[str, Any]) -> Reading:
+    """The ``recent`` window of a ``status`` answer (the router's last 60 s, or less)."""
+    window = status.get("recent")
+    if not isinstance(window, dict):
+        raise ValueError("the router's status has no recent figures")
+    return _reading(status.get("started_at"), window, _seconds(window))
+
+
+def window(reply: dict[str, Any]) -> Reading:
+    """The answer of a ``figures`` command."""
+    return _reading(reply.get("started_at"), reply.get("colors"), _seconds(reply))
+
+
+def _reading(started: Any, colors: Any, seconds: float | None) -> Reading:
+    if not isinstance(colors, dict) or not isinstance(started, int | float):
+        raise ValueError("the router's answer has no per-color figures with a start time "
+                         "(a router older than its figures?)")
+    return Reading(float(started), {c: Figures.from_json(colors.get(c.value, {}))
+                                    for c in Color}, seconds)
+
+
+def _seconds(reply: dict[str, Any]) -> float:
+    value = reply.get("seconds")
+    if not isinstance(value, int | float):
+        raise ValueError(f"the router's figures cover no stated seconds: {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -47,6 +93,11 @@ class ControlSocket:
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         return self._request({"cmd": "status"}, timeout)
+
+    def figures(self, seconds: float, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        """Per-color differences over the last ``seconds`` (the ring holds at most 300)."""
+        return self._request({"cmd": "figures", "seconds": min(seconds, FIGURES_RING_SECONDS)},
+                             timeout)
 
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:

@@ -6,10 +6,12 @@ runs the real cut-over of ops/takeover/cutover.py against its units)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from switcher.errors import SystemdError
+from switcher.analysis import BOUNDS, Figures
+from switcher.errors import RouterError, SystemdError
 from switcher.model import Color, Fallback
 from switcher.ops.takeover import cutover
 from switcher.routerctl import CONTROL_TIMEOUT
@@ -139,17 +141,54 @@ class _CutoverUnits:
             raise RuntimeError(exc.message) from None
 
 
+def answers(ok: int = 0, failed_5xx: int = 0, *, refused: int = 0,
+            timed: tuple[int, ...] = ()) -> Figures:
+    """A color's figures: ``ok`` 2xx, ``failed_5xx`` 5xx, ``refused`` connects, and the
+    latency histogram's first buckets ``timed`` (the rest 0)."""
+    counts = timed + (0,) * (len(BOUNDS) + 1 - len(timed))
+    return Figures(responses=(0, ok, 0, 0, failed_5xx), failures=(refused, 0, 0),
+                   counts=counts)
+
+
+def no_figures() -> dict[Color, Figures]:
+    return {color: Figures() for color in Color}
+
+
 @dataclass
 class FakeRouter:
-    """Records switches, for unit tests of the deploy logic."""
+    """Records switches and answers with per-color figures the test scripts, for unit tests
+    of the deploy logic: ``counters`` (cumulative since ``started_at``), ``window`` (what
+    ``figures`` answers: the last N seconds), ``recent`` (status's last 60 s). ``traffic``
+    runs at every ``status`` (the watch reads one per look): the test's traffic between two
+    looks; it may set ``unreadable``, and then ``status`` fails as a router that cannot be
+    reached would."""
 
     active: Color | None = None
     fallback: Fallback | None = None
     switches: list[Color] = field(default_factory=list)
+    started_at: float = 1_000.0
+    counters: dict[Color, Figures] = field(default_factory=no_figures)
+    window: dict[Color, Figures] = field(default_factory=no_figures)
+    recent: dict[Color, Figures] = field(default_factory=no_figures)
+    traffic: Callable[[FakeRouter], None] | None = None
+    unreadable: bool = False
+    asked_seconds: list[float] = field(default_factory=list)
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        if self.traffic is not None:
+            self.traffic(self)
+        if self.unreadable:
+            raise RouterError("router control socket /run/fake.sock: [Errno 111] Connection "
+                              "refused", "is the router running?")
         return {"ok": True, "serving": self.active.value if self.active else None,
-                "inflight": {"blue": 0, "green": 0}}
+                "inflight": {"blue": 0, "green": 0}, "started_at": self.started_at,
+                "counters": _colors(self.counters),
+                "recent": {"seconds": 60.0, **_colors(self.recent)}}
+
+    def figures(self, seconds: float, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+        self.asked_seconds.append(seconds)
+        return {"ok": True, "started_at": self.started_at, "seconds": float(seconds),
+                "colors": _colors(self.window)}
 
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
@@ -159,3 +198,16 @@ class FakeRouter:
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self.fallback = fallback
+
+    def serve(self, color: Color, figures: Figures) -> None:
+        """``color`` answered ``figures`` more."""
+        self.counters[color] = self.counters[color] + figures
+
+    def restart(self) -> None:
+        """A new router process: a later start time, every counter from zero."""
+        self.started_at += 60
+        self.counters = no_figures()
+
+
+def _colors(figures: dict[Color, Figures]) -> dict[str, Any]:
+    return {color.value: f.to_json() for color, f in figures.items()}

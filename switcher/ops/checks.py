@@ -10,10 +10,8 @@ rollback's budget) is imported only to describe a foreign process in an error.
 from __future__ import annotations
 
 import enum
-import os
 import pwd
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,11 +118,26 @@ def idle_port_free(s: Subject) -> Check:
                      f"{host.describe(foreign[0])}; stop it or change env.{s.env.name}.ports")
     if listeners:
         return Check("port", Level.ok, f"{port} held by {s.target} itself (it restarts)")
-    problem = _try_bind(s.env.host, port)
+    problem = host.bind_problem(s.env.host, port)
     if problem:
         return Check("port", Level.failed, f"{s.target}'s port {port} cannot be bound: "
                      f"{problem}")
     return Check("port", Level.ok, f"{port} is free")
+
+
+def metrics_free(s: Subject) -> Check:
+    """A warning, never a failure: without its metrics listener the router still routes."""
+    where = s.env.metrics_address
+    if where is None:
+        return Check("metrics", Level.ok, "off (router.metrics is empty)")
+    router = Names(s.app, s.env.name).router
+    problem = host.listen_conflict(*where, own_unit=router)
+    if problem:
+        return Check("metrics", Level.warning, f"router.metrics {s.env.router.metrics} "
+                     f"cannot be listened on: {problem}; stop that process or change "
+                     f"env.{s.env.name}.router.metrics and run `alive-switch install "
+                     f"{s.env.name}`")
+    return Check("metrics", Level.ok, f"{s.env.router.metrics} free or held by {router}")
 
 
 def colors_not_failed(s: Subject) -> Check:
@@ -195,7 +208,7 @@ def live_health(s: Subject) -> Check:
 
 
 CHECKS: list[CheckFn] = [
-    units_loaded, socket_held, idle_port_free, colors_not_failed, disk_space, memory,
+    units_loaded, socket_held, idle_port_free, metrics_free, colors_not_failed, disk_space, memory,
     build_ready, user_can_read, live_health,
 ]
 
@@ -208,14 +221,3 @@ def _available_bytes() -> int:
                 return int(line.split()[1]) * 1024
     raise OSError("/proc/meminfo has no MemAvailable")
 
-
-def _try_bind(host: str, port: int) -> str:
-    """Bind as the app would (SO_REUSEADDR): server-side TIME_WAIT does not block that."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            return os.strerror(exc.errno) if exc.errno else str(exc)
-    return ""

@@ -26,6 +26,7 @@ from switcher.model import Color, Pending, Phase, State, color_name
 from switcher.ops import builds, recovery
 from switcher.ops.outcome import Outcome
 from switcher.ops.site import SWITCH_BACK, Phases, Site, stop_here, why_not_retire
+from switcher.ops.traffic import Traffic
 
 
 class Deployer(Site):
@@ -125,7 +126,8 @@ class Deployer(Site):
                            "outcome": "ok" if outcome.ok else result,
                            "failed_phase": None if outcome.ok else _value(phases.current),
                            "message": outcome.message, "phases": phases.durations,
-                           "warnings": outcome.warnings, "hooks": outcome.hooks})
+                           "warnings": outcome.warnings, "hooks": outcome.hooks,
+                           "analysis": outcome.analysis})
         return outcome
 
     def _steps(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
@@ -152,6 +154,7 @@ class Deployer(Site):
             switching = current.with_(pending=Pending(target, Phase.switching, deploy_id,
                                                       the_plan.build))
             state.save_state(self.env_dir, switching)
+            traffic = self._traffic(target, old)
             t0 = self.clock.now()
             committed = self.committed(current, target, the_plan.build, deploy_id, t0)
             self.router.switch(target, committed.fallback, committed.drain_until,
@@ -162,7 +165,10 @@ class Deployer(Site):
             # old color as the one that starts at boot.
             self.move_boot_enable(target)
         with phases(Phase.watch, limit=self.env.watch):
-            self._watch(target, started, t0, current, the_plan.build)
+            try:
+                self._watch(target, started, t0, current, the_plan.build, traffic=traffic)
+            finally:
+                outcome.analysis = traffic.to_json()
         with phases(Phase.schedule_retire):
             if old is not None and committed.fallback is not None:
                 warning = self.schedule_retire(old, committed.fallback.until)
@@ -230,19 +236,44 @@ class Deployer(Site):
             raise AbortedError(f"{target} died before the switch: {gone}; {target} stopped, "
                                "the live color still serves", self.journal_hint(target))
 
+    def _traffic(self, target: Color, old: Color | None) -> Traffic:
+        """Just before the switch: what the watch will judge the target's traffic against."""
+        traffic = Traffic(self.router, self.env.analysis, target, self.say,
+                          timeout=max(self.env.health.interval, 1.0))
+        if old is None:
+            traffic.missing = "the first deploy: no old color to compare with"
+        else:
+            traffic.before_switch()
+        return traffic
+
     def _watch(self, target: Color, started: dict[str, str], t0: float, before: State,
-               build: str) -> None:
+               build: str, *, traffic: Traffic) -> None:
+        """Until T0 + watch, every health.interval: the process, its health, its traffic;
+        then one last look at the traffic, which has the most answers."""
         deadline = t0 + self.env.watch
         interval = self.env.health.interval
         while (left := deadline - self.clock.now()) > 0:
-            problem = self.gone(target, started)
-            if not problem:
-                probe = health.probe(self.env.host, self.env.port(target), self.env.health,
-                                     timeout=max(interval, 1.0))
-                problem = "" if probe.ok else f"health check → {probe.detail}"
+            problem = self._watch_problem(target, started, interval, traffic)
             if problem:
                 self._switch_back(target, before, build, problem)
             self.clock.sleep(min(interval, left))
+        verdict = traffic.look()
+        if verdict is not None and not verdict.ok:
+            self._switch_back(target, before, build, verdict.message)
+        self.say(traffic.note())
+
+    def _watch_problem(self, target: Color, started: dict[str, str], interval: float,
+                       traffic: Traffic) -> str:
+        """What fails the target at this look ("" when nothing does)."""
+        problem = self.gone(target, started)
+        if problem:
+            return problem
+        probe = health.probe(self.env.host, self.env.port(target), self.env.health,
+                             timeout=max(interval, 1.0))
+        if not probe.ok:
+            return f"health check → {probe.detail}"
+        verdict = traffic.look()
+        return verdict.message if verdict is not None and not verdict.ok else ""
 
     def _switch_back(self, target: Color, before: State, build: str, problem: str) -> None:
         if before.active is None:

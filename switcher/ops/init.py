@@ -106,6 +106,13 @@ path = {health}
 # [env.{env}.router]
 # mode = "http"                # or "tcp" for non-HTTP protocols
 # max_connections = 10000
+# metrics = ""                 # "ADDR:PORT" for Prometheus at GET /metrics; "" = off
+
+# [env.{env}.analysis]  (how the new color is judged on live traffic during the watch)
+# max_error_rate = 0.02        # tolerated rise of its failure share over the old color's
+# min_requests = 50            # fewer answers: judged on health and process only
+# baseline = 60                # seconds before the switch that give the old color's figures
+# max_latency_ratio = 0        # 0 = off; else fail when p95 > ratio × the old p95 + 0.05 s
 
 # [env.{env}.checks]  (pre-flight limits: alive-switch check {env})
 # disk_max_percent = 80

@@ -64,7 +64,7 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         max_header_bytes=env.router.max_header_bytes,
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
-        tunnels=tuple(env.router.tunnels),
+        tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
     )
 
 
@@ -76,6 +76,7 @@ def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebin
     _check_socket_change(env, sd, unit_dir / socket_unit, files[socket_unit], rebind=rebind)
     if not _active(sd, socket_unit):
         _check_port_free(env, socket_unit)
+    _check_metrics_free(env, names)
     result = InstallResult()
     pending = [rel for rel, text in sorted(files.items())
                if not (unit_dir / rel).exists() or (unit_dir / rel).read_text() != text]
@@ -228,6 +229,19 @@ def _check_port_free(env: Environment, socket_unit: str) -> None:
                 f"{env.name} --takeover UNIT`")
     raise UsageError(f"port {env.listen_port} is held by {holder.describe()}; starting "
                      f"{socket_unit} would fail with EADDRINUSE; nothing was changed", hint)
+
+
+def _check_metrics_free(env: Environment, names: Names) -> None:
+    """The router would fail to open its metrics listener on an address another process
+    holds; this environment's own running router holding it is what a reinstall finds."""
+    where = env.metrics_address
+    if where is None:
+        return
+    problem = host.listen_conflict(*where, own_unit=names.router)
+    if problem:
+        raise UsageError(f"env.{env.name}.router.metrics {env.router.metrics!r} cannot be "
+                         f"listened on: {problem}; nothing was changed",
+                         "stop that process or pick another address for router.metrics")
 
 
 def ensure_run_dir() -> None:

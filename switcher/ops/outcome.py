@@ -19,10 +19,11 @@ class Outcome:
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     hooks: list[dict[str, Any]] = field(default_factory=list)  # HookRun.to_json() of each
+    analysis: dict[str, Any] | None = None  # the watch's figures and verdict (ops/traffic.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": self.ok,
                 "target": color_name(self.target), "build": self.build,
                 "message": self.message, "phases": self.phases, "warnings": self.warnings,
-                "hooks": self.hooks}
+                "hooks": self.hooks, "analysis": self.analysis}
 

@@ -7,15 +7,26 @@
      "pending": null | {"target": .., "phase": .., "deploy_id": .., "build": ..},
      "fallback": null | {"color": "blue", "until": 1790000000.0},
      "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
-                "inflight": {"blue": 0, "green": 3}},
+                "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null},
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
                          "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
                          "health": "ok" | "failing: …" | "not running",
                          "inflight": 0, "role": "live" | "standby" | "idle",
-                         "restart_pending": false}, "green": {..}},
+                         "restart_pending": false,
+                         "recent": null | {"seconds": 60.0, "answers": 812,
+                                           "answers_per_s": 13.5, "failed": 3,
+                                           "failure_share": 0.0037 | null,
+                                           "p95_s": 0.012 | null}},
+                "green": {..}},
      "last": {history record} | null,
      "state_error": null | "why state.json could not be read",
      "takeover": null | "legacy.service"}   (a takeover whose CLI died before its end)
+
+``recent``: what the router saw of the color over its last ``seconds`` (60, or less for a
+younger router): answers (responses, failures it saw, tcp connections), how many failed
+(5xx, refused, reset, timeout), their share (null without answers) and p95 in seconds
+(null with nothing timed); null when the router is unreachable or reports no figures.
+``started_at``: when the router process started (its counters count from then).
 
 ``restart_pending``: the color runs a process started before its installed config (unit
 file, drop-ins, environment_file) last changed; its next start applies that config.
@@ -33,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from switcher import health, state
+from switcher import health, routerctl, state
+from switcher.analysis import Figures, percent
 from switcher.config import Config, Environment
 from switcher.errors import RouterError
 from switcher.model import Color, State, color_name
@@ -63,7 +75,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     colors = {c: names.color(c) for c in Color}
     # One systemctl call for the three units (each call costs ~10 ms).
     props = sd.show_many([router_unit, *colors.values()], *COLOR_PROPS)
-    router_info = _router(props[router_unit]["ActiveState"], router, router_unit)
+    router_info, recent = _router(props[router_unit]["ActiveState"], router, router_unit)
     history = state.read_history(env_dir)
     return {
         "schema": SCHEMA, "app": cfg.app, "env": env.name,
@@ -72,8 +84,9 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
         "pending": current.pending.to_json() if current.pending else None,
         "fallback": current.to_json()["fallback"],
         "router": router_info,
-        "colors": {c.value: _color(env, colors[c], props[colors[c]], current, c,
-                                   router_info=router_info) for c in Color},
+        "colors": {c.value: {**_color(env, colors[c], props[colors[c]], current, c,
+                                      router_info=router_info), "recent": recent.get(c)}
+                   for c in Color},
         "last": next((r for r in reversed(history) if r.get("kind") != "reconcile"), None),
         "state_error": state_error,
         "takeover": _unfinished_takeover(env_dir),
@@ -92,18 +105,35 @@ TAKEOVER_NOTE = ("a takeover of {unit} did not finish (its CLI ended): the next 
                  "rollback or install of this environment finishes or undoes it")
 
 
-def _router(active: str, router: Router, unit: str) -> dict[str, Any]:
+def _router(active: str, router: Router, unit: str
+            ) -> tuple[dict[str, Any], dict[Color, dict[str, Any]]]:
+    """The router's part of status, and each color's recent figures (when it has them)."""
     info: dict[str, Any] = {"unit": unit, "active": active,
-                            "reachable": False, "serving": None, "inflight": {}}
+                            "reachable": False, "serving": None, "inflight": {},
+                            "started_at": None}
     if info["active"] != "active":
-        return info
+        return info, {}
     try:
         reply = router.status(timeout=PROBE_TIMEOUT)
     except RouterError as exc:
         info["error"] = exc.message
-        return info
+        return info, {}
     info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}))
-    return info
+    try:
+        reading = routerctl.recent(reply)
+    except ValueError:  # a router older than its figures
+        return info, {}
+    info["started_at"] = reading.started_at
+    return info, {c: _recent(f, reading.seconds or 0.0) for c, f in reading.colors.items()}
+
+
+def _recent(figures: Figures, seconds: float) -> dict[str, Any]:
+    p95 = figures.p95
+    return {"seconds": seconds, "answers": figures.answers,
+            "answers_per_s": round(figures.answers / seconds, 2) if seconds > 0 else None,
+            "failed": figures.failed,
+            "failure_share": round(figures.share, 6) if figures.answers else None,
+            "p95_s": None if p95 is None else round(p95, 4)}
 
 
 def _color(env: Environment, unit: str, props: dict[str, str], current: State,
@@ -165,7 +195,7 @@ def render_table(info: dict[str, Any]) -> list[str]:
     r = info["router"]
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
-                    "not answering)"))
+                    "not answering)") + _router_age(info))
     fallback = info.get("fallback")
     if fallback and fallback["until"] > time.time():
         left = _duration(fallback["until"] - time.time())
@@ -177,6 +207,7 @@ def render_table(info: dict[str, Any]) -> list[str]:
                        ("health", "health"), ("inflight", "in flight")):
         rows.append((label, *(_cell(key, info["colors"][c][key], info["colors"][c])
                               for c in ("blue", "green"))))
+    rows += _traffic_rows(info["colors"])
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
               .rstrip() for row in rows]
@@ -192,6 +223,32 @@ def render_table(info: dict[str, Any]) -> list[str]:
                      f"{_duration(time.time() - last['time'])} ago "
                      f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
     return lines
+
+
+def _router_age(info: dict[str, Any]) -> str:
+    """``, up 2 h 5 min (figures below: its last 60 s)`` when the router said."""
+    started = info["router"].get("started_at")
+    if started is None:
+        return ""
+    recent = [c["recent"] for c in info["colors"].values() if c.get("recent")]
+    window = f" (figures below: its last {recent[0]['seconds']:g} s)" if recent else ""
+    return f", up {_duration(time.time() - started)}{window}"
+
+
+def _traffic_rows(colors: dict[str, Any]) -> list[tuple[str, ...]]:
+    """answers/s, failed (share) and p95 over the router's recent window, per color."""
+    figures = [colors[c].get("recent") for c in ("blue", "green")]
+    if not any(figures):
+        return []
+    cells: dict[str, list[str]] = {"answers/s": [], "failed": [], "p95": []}
+    for recent in figures:
+        rate, share, p95 = ((recent["answers_per_s"], recent["failure_share"],
+                             recent["p95_s"]) if recent else (None, None, None))
+        cells["answers/s"].append("-" if rate is None else f"{rate:.1f}")
+        cells["failed"].append("-" if share is None else percent(share))
+        cells["p95"].append("-" if p95 is None else f"{p95 * 1000:.0f} ms" if p95 < 1
+                            else f"{p95:.2f} s")
+    return [(label, *values) for label, values in cells.items()]
 
 
 def collect_all(infos: list[dict[str, Any]]) -> dict[str, Any]:

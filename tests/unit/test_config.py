@@ -63,6 +63,9 @@ def test_good_config_has_the_documented_defaults(tmp_path: Path) -> None:
     assert (env.checks.disk_max_percent, env.checks.memory_min_mb) == (80, 500)
     assert env.hook_timeout == 300
     assert env.unit.hardening == "default"
+    assert (env.analysis.max_error_rate, env.analysis.min_requests, env.analysis.baseline,
+            env.analysis.max_latency_ratio) == (0.02, 50, 60, 0)
+    assert env.router.metrics == ""
 
 
 def test_example_config_loads() -> None:
@@ -131,12 +134,61 @@ def test_example_config_loads() -> None:
      "did you mean 'http'"),
     (GOOD + "\n[env.production.router]\nprocesses = 2\n", "env.production.router.processes",
      "not supported yet"),
+    *((GOOD + f"\n[env.production.analysis]\n{line}\n", f"env.production.analysis.{key}", words)
+      for line, key, words in [
+          ("max_error_rate = 1.5", "max_error_rate", "outside 0–1"),
+          ("max_error_rate = -0.01", "max_error_rate", "outside 0–1"),
+          ("max_error_rate = nan", "max_error_rate", "outside 0–1"),
+          ("min_requests = 0", "min_requests", "below 1"),
+          ("min_requests = -5", "min_requests", "below 1"),
+          ("min_requests = 50.5", "min_requests", "expected int"),
+          ("baseline = 0", "baseline", "the router keeps the last 300 s"),
+          ("baseline = 301", "baseline", "outside (0, 300]"),
+          ("max_latency_ratio = -1", "max_latency_ratio", "negative"),
+          ("max_eror_rate = 0.1", "max_eror_rate", "did you mean 'max_error_rate'"),
+      ]),
+    *((GOOD + f'\n[env.production.router]\nmetrics = "{value}"\n', "env.production.router.metrics",
+       words) for value, words in [
+          ("9100", "not ADDR:PORT"),
+          ("localhost:9100", "not ADDR:PORT"),
+          ("127.0.0.1:", "not ADDR:PORT"),
+          ("999.1.1.1:9100", "not an IP address"),
+          ("::1:9100", "not ADDR:PORT"),
+          ("[127.0.0.1]:9100", "IPv6 address goes in brackets"),
+          ("127.0.0.1:0", "outside 1–65535"),
+          ("127.0.0.1:70000", "outside 1–65535"),
+          ("127.0.0.1:9000", "also env.production.listen"),
+          ("[::1]:9000", "also env.production.listen"),
+          ("127.0.0.1:9001", "also env.production.ports.blue"),
+          ("0.0.0.0:9002", "also env.production.ports.green"),
+          ("[::]:9002", "also env.production.ports.green"),
+      ]),
+    (GOOD + '\n[env.production.router]\nmetrics = "127.0.0.1:8997"\n',
+     "env.staging.ports.green", "also used by env.production.router.metrics"),
 ])
 def test_bad_config_is_refused_naming_key_and_fix(tmp_path: Path, text: str, key: str,
                                                   words: str) -> None:
     error = load_error(tmp_path, text)
     assert error.key == key
     assert words in str(error)
+
+
+def test_metrics_may_share_a_port_number_on_another_address(tmp_path: Path) -> None:
+    """Only an overlapping address clashes: the colors bind 127.0.0.1 only."""
+    cfg = config.load(write(tmp_path, GOOD + '\n[env.production.router]\n'
+                            'metrics = "127.0.0.2:9001"\n'))
+    assert cfg.env["production"].router.metrics == "127.0.0.2:9001"
+    for good in ("127.0.0.1:9100", "[::1]:9100", "0.0.0.0:9100"):
+        text = GOOD + f'\n[env.production.router]\nmetrics = "{good}"\n'
+        assert config.load(write(tmp_path, text)).env["production"].router.metrics == good
+
+
+def test_analysis_edges_are_accepted(tmp_path: Path) -> None:
+    text = GOOD + ("\n[env.production.analysis]\nmax_error_rate = 0\nmin_requests = 1\n"
+                   "baseline = 300\nmax_latency_ratio = 3\n")
+    analysis = config.load(write(tmp_path, text)).env["production"].analysis
+    assert (analysis.max_error_rate, analysis.min_requests, analysis.baseline,
+            analysis.max_latency_ratio) == (0, 1, 300, 3)
 
 
 def test_environment_file_must_be_root_owned_0600(tmp_path: Path) -> None:

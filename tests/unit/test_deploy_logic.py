@@ -4,8 +4,10 @@ tests/system."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +15,18 @@ from pathlib import Path
 import pytest
 
 from switcher import config, state
-from switcher.errors import AbortedError, LockHeldError, SwitchedBackError, UsageError
+from switcher.analysis import Figures
+from switcher.errors import (
+    AbortedError,
+    LockHeldError,
+    RouterError,
+    SwitchedBackError,
+    UsageError,
+)
 from switcher.model import Color, Pending, Phase
 from switcher.ops import checks
 from switcher.ops.deploy import Deployer
-from tests.fakes import FakeRouter, FakeSystemd
+from tests.fakes import FakeRouter, FakeSystemd, answers
 from tests.ports import port_block
 
 LISTEN, BLUE, GREEN = port_block(__name__, 3)
@@ -335,3 +344,171 @@ def test_a_standby_color_without_its_retire_timer_gets_one(world) -> None:
     assert any("blue had no retire timer" in line for line in said)
     assert "unit-prod-retire-blue" in sd.timers
     assert running == {Color.blue: "b1", Color.green: "b2"}
+
+
+# ---------------------------------------------------------------- the traffic-aware watch
+
+BEFORE = answers(996, 4)  # blue's baseline: 0.4 % of its answers failed
+
+
+def on_green(router: FakeRouter, per_look: Figures, looks: list[int] | None = None) -> None:
+    """From the switch on, green answers ``per_look`` more between two looks."""
+    def traffic(r: FakeRouter) -> None:
+        if r.active == Color.green:
+            r.serve(Color.green, per_look)
+            if looks is not None:
+                looks.append(1)
+    router.traffic = traffic
+
+
+def second_deploy(world, per_look: Figures, looks: list[int] | None = None):
+    d, sd, router, said = world
+    d.deploy("b1", force=False, dry_run=False)
+    router.window = {Color.blue: BEFORE, Color.green: answers()}
+    on_green(router, per_look, looks)
+    said.clear()
+    return d, sd, router, said
+
+
+def test_a_color_failing_its_traffic_is_switched_back_with_the_figures(world) -> None:
+    d, sd, router, said = second_deploy(world, answers(10, 10))
+    with pytest.raises(SwitchedBackError, match=r"green failed during the watch \(green: "
+                       r"\d+ of \d+ answers failed \(50 %\), blue 0.4 % before the switch\)"
+                       ) as caught:
+        d.deploy("b2", force=False, dry_run=False)
+    assert caught.value.exit_code == 5
+    assert router.switches == [Color.blue, Color.green, Color.blue]
+    assert router.asked_seconds == [60.0], "the baseline: analysis.baseline seconds"
+    assert sd.units["unit-prod@green.service"].active == "inactive"
+    record = state.read_history(d.env_dir)[-1]
+    assert record["outcome"] == "switched-back"
+    analysis = record["analysis"]
+    assert analysis["verdict"]["ok"] is False and analysis["verdict"]["rule"] == "errors"
+    assert analysis["verdict"]["message"] in record["message"]
+    green, blue = analysis["colors"]["green"], analysis["colors"]["blue"]
+    assert green["answers"] >= 50 and green["failed"] == green["5xx"] == green["answers"] // 2
+    assert green["window"] == "since the switch"
+    assert blue == {"window": "60 s before the switch", "answers": 1000, "failed": 4,
+                    "5xx": 4, "failures": {"refused": 0, "reset": 0, "timeout": 0},
+                    "p95": None}
+
+
+def test_a_color_good_on_its_traffic_passes_and_history_keeps_its_figures(world) -> None:
+    d, _, router, said = second_deploy(world, answers(40))
+    outcome = d.deploy("b2", force=False, dry_run=False)
+    assert outcome.ok and router.switches == [Color.blue, Color.green]
+    verdict = [line for line in said if "on traffic" in line]
+    assert len(verdict) == 1 and re.fullmatch(r"green passed on traffic: 0 of \d+ answers "
+                                              r"failed \(0 %\), blue 0.4 % before the switch",
+                                              verdict[0])
+    analysis = state.read_history(d.env_dir)[-1]["analysis"]
+    assert analysis["verdict"] == {"ok": True, "judged": True, "rule": None,
+                                   "message": verdict[0]}
+    assert analysis["colors"]["green"]["answers"] == router.counters[Color.green].answers
+    assert outcome.analysis == analysis
+
+
+def test_below_min_requests_passes_with_the_note(world) -> None:
+    looks: list[int] = []
+    d, _, _, said = second_deploy(world, answers(0, 1), looks)
+    assert d.deploy("b2", force=False, dry_run=False).ok, "5xx only, but too few to judge"
+    note = f"not judged on traffic ({len(looks)} answers)"
+    assert note in said
+    assert state.read_history(d.env_dir)[-1]["analysis"]["verdict"] == {
+        "ok": True, "judged": False, "rule": None, "message": note}
+
+
+def test_the_first_deploy_is_not_judged_on_traffic(world) -> None:
+    d, _, router, said = world
+    router.traffic = lambda r: r.serve(Color.blue, answers(0, 100))
+    d.deploy("b1", force=False, dry_run=False)
+    assert "not judged on traffic (the first deploy: no old color to compare with)" in said
+    assert router.asked_seconds == []
+
+
+def test_a_router_restart_mid_watch_is_re_baselined_never_negative(world) -> None:
+    """Green's counters stand at 500 before the switch; the router restarts at the second
+    look and counts from zero. What the first router counted since the switch is kept."""
+    d, _, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    router.window = {Color.blue: BEFORE, Color.green: answers()}
+    router.counters[Color.green] = answers(500)
+    looks: list[int] = []
+
+    def traffic(r: FakeRouter) -> None:
+        if r.active == Color.green:
+            looks.append(1)
+            if len(looks) == 2:
+                r.restart()
+            r.serve(Color.green, answers(30))
+
+    router.traffic = traffic
+    assert d.deploy("b2", force=False, dry_run=False).ok
+    analysis = state.read_history(d.env_dir)[-1]["analysis"]
+    assert analysis["router_restarts"] == 1
+    assert analysis["colors"]["green"]["answers"] == 30 * len(looks)
+
+
+def test_a_failing_color_is_caught_across_a_router_restart(world) -> None:
+    """25 failed answers a look, min_requests 50: only the first router's 25 plus the
+    second's 25 reach it, at the second look."""
+    d, _, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    router.window = {Color.blue: BEFORE, Color.green: answers()}
+    looks: list[int] = []
+
+    def traffic(r: FakeRouter) -> None:
+        if r.active == Color.green:
+            looks.append(1)
+            if len(looks) == 2:
+                r.restart()
+            r.serve(Color.green, answers(0, 25))
+
+    router.traffic = traffic
+    with pytest.raises(SwitchedBackError, match="green: 50 of 50 answers failed"):
+        d.deploy("b2", force=False, dry_run=False)
+    assert len(looks) == 2
+
+
+SLOW = (939, 0, 0, 0, 0, 0, 0, 50, 11)  # p95 0.61 s
+QUICK = (283, 0, 15, 2)                 # p95 0.012 s
+
+
+def test_a_slow_color_fails_the_latency_rule(world) -> None:
+    d, _, router, _ = second_deploy(world, answers(1000, timed=SLOW))
+    d.env = dataclasses.replace(d.env, analysis=dataclasses.replace(d.env.analysis,
+                                                                    max_latency_ratio=3))
+    router.window = {Color.blue: answers(300, timed=QUICK), Color.green: answers()}
+    with pytest.raises(SwitchedBackError, match=re.escape(
+            "(green: p95 0.61 s > 3 × blue's 0.012 s + 0.05 s); switched back to blue")):
+        d.deploy("b2", force=False, dry_run=False)
+    assert state.read_history(d.env_dir)[-1]["analysis"]["verdict"]["rule"] == "latency"
+
+
+def test_an_unreadable_router_alone_fails_no_deploy_and_is_said_once(world) -> None:
+    d, _, router, said = second_deploy(world, answers(0, 10))
+
+    def unreachable(r: FakeRouter) -> None:
+        r.unreadable = r.active == Color.green
+
+    router.traffic = unreachable
+    assert d.deploy("b2", force=False, dry_run=False).ok
+    warnings = [line for line in said if "could not be read during the watch" in line]
+    assert len(warnings) == 1 and "the process and health checks go on" in warnings[0]
+    assert "not judged on traffic (the router's figures could not be read)" in said
+    assert state.read_history(d.env_dir)[-1]["analysis"]["unread_looks"] > 1
+
+
+def test_a_router_without_figures_is_judged_on_health_and_process(world) -> None:
+    """A router older than its figures refuses the command: the watch says so and goes on."""
+    d, _, router, said = second_deploy(world, answers(0, 10))
+
+    def refuse(seconds: float, timeout: float = 5.0) -> dict[str, object]:
+        raise RouterError("router refused 'figures': unknown cmd 'figures'", "")
+
+    router.figures = refuse  # type: ignore[method-assign]
+    assert d.deploy("b2", force=False, dry_run=False).ok
+    assert any(line.startswith("warning: the router gave no figures before the switch: "
+                               "router refused 'figures'") for line in said)
+    assert ("not judged on traffic (the router gave no figures before the switch: router "
+            "refused 'figures': unknown cmd 'figures')") in said

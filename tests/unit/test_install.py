@@ -12,8 +12,10 @@ import pytest
 
 from switcher import host
 from switcher.errors import UsageError
-from switcher.ops import install
+from switcher.model import Color
+from switcher.ops import checks, install
 from tests.fakes import FakeSystemd
+from tests.ports import port_block
 from tests.unit.opskit import LISTEN, ShowFake, write_config
 
 # ---------------------------------------------------------------- install reports
@@ -66,12 +68,59 @@ trusted_proxies = ["10.0.0.1"]
 body_timeout = 5
 response_timeout = 6
 tunnels = ["websocket", "connect"]
+metrics = "127.0.0.1:9100"
 ''')
     env = cfg.env["prod"]
     settings = install.router_settings(cfg, env)
     given = {"backlog": 77, "max_connections": 7, "restart_drain": 2.5, "header_timeout": 3,
              "idle_timeout": 4, "max_header_bytes": 9000, "trusted_proxies": ("10.0.0.1",),
-             "body_timeout": 5, "response_timeout": 6, "tunnels": ("websocket", "connect")}
+             "body_timeout": 5, "response_timeout": 6, "tunnels": ("websocket", "connect"),
+             "metrics": "127.0.0.1:9100"}
     assert {key: getattr(settings, key) for key in given} == given
     declared = {f.name for f in dataclasses.fields(type(env.router))}
     assert declared - {"mode", "processes"} <= {f.name for f in dataclasses.fields(settings)}
+
+
+# ---------------------------------------------------------------- the metrics listener
+
+(METRICS,) = port_block(__name__, 1)
+METRICS_CONFIG = f'[env.prod.router]\nmetrics = "127.0.0.1:{METRICS}"\n'
+
+
+def test_install_refuses_a_metrics_address_another_process_holds(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, also=METRICS_CONFIG)
+    with socket.create_server(("127.0.0.1", METRICS)):
+        with pytest.raises(UsageError, match=f"router.metrics '127.0.0.1:{METRICS}' cannot "
+                           f"be listened on: held by PID {os.getpid()}") as caught:
+            install.install(cfg, cfg.env["prod"], FakeSystemd(), tmp_path / "units",
+                            rebind=False, dry_run=True, say=print)
+        assert "pick another address" in caught.value.hint
+        subject = checks.Subject(cfg.app, cfg.env["prod"], FakeSystemd(), Color.blue, None,
+                                 tmp_path)
+        check = checks.metrics_free(subject)
+        assert check.level is checks.Level.warning, "it never blocks a deploy"
+        assert f"held by PID {os.getpid()}" in check.detail
+    assert not (tmp_path / "units").exists(), "nothing was written"
+
+
+def test_install_accepts_the_metrics_address_its_own_router_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path, also=METRICS_CONFIG)
+    own = host.Holder(os.getpid(), "lc-prod.service", "alive-switch-router")
+    monkeypatch.setattr(host, "port_holders", lambda port: [own] if port == METRICS else [])
+    with socket.create_server(("127.0.0.1", METRICS)):
+        install.install(cfg, cfg.env["prod"], FakeSystemd(), tmp_path / "units",
+                        rebind=False, dry_run=False, say=print)
+    assert (tmp_path / "units" / "lc-prod.service").exists()
+
+
+def test_a_holder_on_another_address_is_no_conflict(tmp_path: Path) -> None:
+    """Only an overlapping address is in the way: the check binds, it does not count ports."""
+    cfg = write_config(tmp_path, also=METRICS_CONFIG)
+    with socket.create_server(("127.0.0.2", METRICS)):
+        assert host.port_holders(METRICS), "the port number is taken on 127.0.0.2"
+        install.install(cfg, cfg.env["prod"], FakeSystemd(), tmp_path / "units",
+                        rebind=False, dry_run=True, say=print)
+    subject = checks.Subject(cfg.app, cfg.env["prod"], FakeSystemd(), Color.blue, None,
+                             tmp_path)
+    assert checks.metrics_free(subject).level is checks.Level.ok

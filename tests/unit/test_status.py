@@ -3,9 +3,13 @@ tests/system/test_real_hosts.py proves the same against a real systemd."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from switcher.model import Color
 from switcher.ops import status
+from tests.fakes import FakeRouter, FakeSystemd, answers
+from tests.unit.opskit import write_config
 
 # ---------------------------------------------------------------- status of every env
 
@@ -37,3 +41,42 @@ def test_status_names_an_unfinished_takeover() -> None:
     note = status.render_overview([info])[-1]
     assert note.startswith("note: lc-prod: a takeover of legacy.service did not finish")
     assert "the next deploy, rollback or install" in note
+
+
+# ---------------------------------------------------------------- the router's figures
+
+def test_status_shows_each_colors_recent_figures_and_the_routers_start(tmp_path) -> None:
+    cfg = write_config(tmp_path)
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd, router = FakeSystemd(), FakeRouter(started_at=1_790_000_000.0)
+    sd.start("lc-prod.service")
+    router.recent = {Color.blue: answers(996, 4, timed=(900, 96, 4)),
+                     Color.green: answers()}
+    info = status.collect(cfg, env, sd, router)
+    assert info["schema"] == 1
+    assert info["router"]["started_at"] == 1_790_000_000.0
+    assert info["colors"]["blue"]["recent"] == {
+        "seconds": 60.0, "answers": 1000, "answers_per_s": 16.67, "failed": 4,
+        "failure_share": 0.004, "p95_s": 0.0076}
+    assert info["colors"]["green"]["recent"] == {
+        "seconds": 60.0, "answers": 0, "answers_per_s": 0.0, "failed": 0,
+        "failure_share": None, "p95_s": None}
+    json.dumps(info)
+
+
+def test_a_router_without_figures_leaves_them_null(tmp_path) -> None:
+    class OldRouter(FakeRouter):
+        def status(self, timeout: float = 5.0) -> dict[str, Any]:
+            reply = super().status(timeout)
+            return {k: v for k, v in reply.items()
+                    if k not in ("started_at", "counters", "recent")}
+
+    cfg = write_config(tmp_path)
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd = FakeSystemd()
+    sd.start("lc-prod.service")
+    info = status.collect(cfg, env, sd, OldRouter())
+    assert info["router"]["reachable"] and info["router"]["started_at"] is None
+    assert info["colors"]["blue"]["recent"] is None is info["colors"]["green"]["recent"]

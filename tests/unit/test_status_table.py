@@ -62,3 +62,27 @@ def test_nothing_live_yet_and_nothing_running() -> None:
 def test_durations() -> None:
     assert [status._duration(s) for s in (0, 59.6, 60, 812, 7300, 90000)] == [
         "0 s", "1 min", "1 min", "13 min 32 s", "2 h 1 min", "1 d 1 h"]
+
+
+def test_the_routers_recent_figures_side_by_side() -> None:
+    recent = {"seconds": 60.0, "answers": 1000, "answers_per_s": 16.67, "failed": 4,
+              "failure_share": 0.004, "p95_s": 0.0123}
+    base = info()
+    colors = {"blue": {**base["colors"]["blue"], "recent": recent},
+              "green": {**base["colors"]["green"], "recent": {
+                  **recent, "answers": 0, "answers_per_s": 0.0, "failed": 0,
+                  "failure_share": None, "p95_s": None}}}
+    lines = status.render_table(info(colors=colors, router={
+        **base["router"], "started_at": time.time() - 7300}))
+    assert lines[1] == ("  router: active, serving blue, up 2 h 1 min (figures below: its "
+                        "last 60 s)")
+    table = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}
+    assert table["answers/s"] == ["16.7", "0.0"]
+    assert table["failed"] == ["0.4", "%", "-"]
+    assert table["p95"] == ["12", "ms", "-"]
+
+
+def test_no_figures_no_rows() -> None:
+    lines = status.render_table(info())
+    assert not any(line.split()[0] in ("answers/s", "p95") for line in lines)
+    assert lines[1] == "  router: active, serving blue"
