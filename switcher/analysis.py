@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from switcher.config import Analysis
-from switcher.model import Color
+from switcher.model import DURATION_BOUNDS, Color
 
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # The latency histogram's upper bounds in seconds (DESIGN.md's metric buckets).
-BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BOUNDS = DURATION_BOUNDS
 LATENCY_SLACK = 0.05  # seconds added to ratio × the baseline p95
 QUANTILE = 0.95
 

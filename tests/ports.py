@@ -4,8 +4,9 @@ Load generators fill the ephemeral range (32768-60999 here) with client-side TIM
 sockets, and a listener cannot bind a port that is the local port of one, even with
 SO_REUSEADDR. So tests take ports from 20000 up to just below the ephemeral range.
 
-Each test module gets a block that starts at a place derived from its name (stable across
-runs and machines), skipping ports another module of this run already holds and ports that
+Each test module gets a block that starts at a place derived from its name and the checkout's
+path (stable across runs; two checkouts testing at once, a clone in /tmp beside the working
+tree say, start in different places instead of racing for the same ports), skipping ports another module of this run already holds and ports that
 fail a bind-and-listen probe with SO_REUSEADDR (someone else is listening there)::
 
     from tests.ports import port_block
@@ -23,6 +24,7 @@ LOW = 20000
 HIGH = 32767  # inclusive; lowered below the kernel's ephemeral range if that starts lower
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
+CHECKOUT = str(Path(__file__).resolve().parents[1])
 _lock = threading.Lock()
 _given: dict[str, list[int]] = {}  # module -> its ports, in the order given, in this process
 
@@ -61,7 +63,7 @@ def port_block(module_name: str, count: int) -> list[int]:
     with _lock:
         ports = _given.setdefault(module_name, [])
         taken = {port for block in _given.values() for port in block}
-        start = start_of(module_name, LOW, high)
+        start = start_of(f"{CHECKOUT}:{module_name}", LOW, high)
         offsets = iter(range(span))
         while len(ports) < count:
             offset = next(offsets, None)

@@ -24,10 +24,11 @@ import collections
 import enum
 from typing import Any
 
-# The buckets of alive_switch_request_duration_seconds (DESIGN.md Part 2).
-BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from switcher.model import DURATION_BOUNDS, FIGURES_RING_SECONDS
+
+BOUNDS = DURATION_BOUNDS
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-RING_SECONDS = 300  # the longest `figures` window (analysis.baseline's upper bound)
+RING_SECONDS = FIGURES_RING_SECONDS  # the longest `figures` window (and analysis.baseline's)
 RECENT_SECONDS = 60  # what `status` calls recent
 
 Snapshot = tuple[float, ...]
