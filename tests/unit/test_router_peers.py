@@ -590,10 +590,13 @@ NOT_HTTP = {
 
 
 def send_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
-    """Send ``data`` cut at ``cuts``, pausing between pieces so the router reads each alone."""
+    """Send ``data`` cut at ``cuts``, pausing between pieces so the router reads each alone
+    (mostly: a test that needs it every time cuts once)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pause = 0.02 if len(cuts) < 5 else 0.002
     for a, b in itertools.pairwise([0, *cuts, len(data)]):
         sock.sendall(data[a:b])
-        time.sleep(0.02)
+        time.sleep(pause)
 
 
 def cuts_for(how: str, data: bytes) -> list[int]:
