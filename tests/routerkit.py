@@ -45,8 +45,9 @@ class Router:
 
     @classmethod
     def spawn(cls, tmp: Path, port: int, ports: dict[Color, int], backlog: int,
-              env: dict[str, str] | None = None) -> Router:
-        """Run the router on a listener passed as systemd passes it, with NOTIFY_SOCKET."""
+              env: dict[str, str] | None = None, program: list[str] | None = None) -> Router:
+        """Run the router on a listener passed as systemd passes it, with NOTIFY_SOCKET;
+        ``program`` (the router's command line before STATE_DIR) may run a variant."""
         # Closed here if anything below fails (a port still bound, say): left to the
         # collector, an unbound socket fails some later test with a ResourceWarning.
         with contextlib.ExitStack() as undo:
@@ -58,8 +59,8 @@ class Router:
             notify.bind(str(tmp / "notify"))
             with (tmp / "stderr").open("wb") as stderr:
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", LAUNCH, str(listener.fileno()), str(ROUTER),
-                     str(tmp / "state" / "app-test")],
+                    [sys.executable, "-c", LAUNCH, str(listener.fileno()),
+                     *(program or [str(ROUTER)]), str(tmp / "state" / "app-test")],
                     pass_fds=[listener.fileno()], stderr=stderr,
                     env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})})
             undo.pop_all()

@@ -11,7 +11,12 @@ with llhttp (strict) and answers each request with its target in ``X-Answers``. 
   ("smuggled") never reaches it;
 - every response the client reads answers one of those requests, in the order it sent
   them, and none twice;
+- no forwarding header a client wrote (``X-Forwarded-For: 6.6.6.6``, ``X_Forwarded_For``…)
+  reaches the color: the client is not a trusted proxy;
 - the router never crashes and keeps serving other clients.
+
+The checker returns what it saw broken rather than asserting, so that the negative controls
+at the end can run it against routers that break a rule on purpose and show it notices.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httptools
 import pytest
@@ -34,10 +42,11 @@ from switcher.model import Color
 from tests.ports import port_block
 from tests.routerkit import Router, blue_live, write_settings
 
-_ports = itertools.cycle(port_block(__name__, 6))
+_ports = itertools.cycle(port_block(__name__, 9))
 SEED = int(os.environ.get("MUTATION_SEED", "19"))
 CASES = 300
 TAG = re.compile(rb"/k(\d+)x")
+CLAIM = b"6.6.6.6"  # the address every forwarding header of the mutations claims
 
 
 # -- the recording color -----------------------------------------------------------------------
@@ -46,9 +55,16 @@ class _Requests:
     def __init__(self) -> None:
         self.url = b""
         self.done: list[bytes] = []
+        self.claims: list[bytes] = []  # forwarding headers that carry CLAIM
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.lower().replace(b"_", b"-")  # as a WSGI server reads it
+        if CLAIM in value and (key.startswith(b"x-forwarded-") or
+                               key in (b"forwarded", b"x-real-ip")):
+            self.claims.append(name + b": " + value)
 
     def on_message_complete(self) -> None:
         self.done.append(self.url)
@@ -59,6 +75,7 @@ class RecordingColor:
     def __init__(self, port: int) -> None:
         self.urls: list[bytes] = []
         self.errors: list[str] = []
+        self.claims: list[bytes] = []
         self.lock = threading.Lock()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -90,6 +107,9 @@ class RecordingColor:
                     with self.lock:
                         self.errors.append(f"{e!r} in {data[:300]!r}")
                     return
+                with self.lock:
+                    self.claims += reqs.claims
+                reqs.claims.clear()
                 while reqs.done:
                     url = reqs.done.pop(0)
                     with self.lock:
@@ -167,6 +187,13 @@ def base_request(rng: random.Random, tag: bytes) -> bytes:
         b"GET %s/resp-%d HTTP/1.1\r\n%s\r\n" % (tag, rng.randrange(10**6), host),
         b"POST %s/f HTTP/1.1\r\n%sContent-Length: 38\r\n\r\n"
         b"GET %s/smuggled HTTP/1.1\r\nHost: t\r\n\r\n" % (tag, host, tag),
+        b"GET %s/i HTTP/1.1\r\n%sX-Forwarded-For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n\r\n"
+        % (tag, host),
+        # CL.TE and TE.CL: both framings, each hiding a request from the other
+        b"POST %s/g HTTP/1.1\r\n%sContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET %s/smuggled HTTP/1.1\r\nHost: t\r\n\r\n" % (tag, host, tag),
+        b"POST %s/h HTTP/1.1\r\n%sTransfer-Encoding: chunked\r\nContent-Length: 42\r\n\r\n"
+        b"0\r\n\r\nGET %s/smuggled HTTP/1.1\r\nHost: t\r\n\r\n" % (tag, host, tag),
     ])
 
 
@@ -261,62 +288,161 @@ def client_requests(data: bytes) -> list[bytes]:
     return reqs.done
 
 
-@pytest.fixture
-def setup(tmp: Path) -> Iterator[tuple[Router, RecordingColor]]:
-    port, blue, green = next(_ports), next(_ports), next(_ports)
-    env_dir = tmp / "state" / "app-test"
-    env_dir.mkdir(parents=True, exist_ok=True)
-    ports = {Color.blue: blue, Color.green: green}
-    write_settings(env_dir, tmp, ports, mode="http", header_timeout=2.0)
-    files.save_state(env_dir, blue_live())
-    color = RecordingColor(blue)
-    r = Router.spawn(tmp, port, ports, backlog=256)
+# -- the checker ------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What one run of the seeded cases saw."""
+
+    violations: list[str] = field(default_factory=list)
+    answered: int = 0  # cases the color answered at least once
+    refused: int = 0  # cases the router refused (4xx)
+    forwarded: int = 0  # requests the color received
+
+
+def client_violations(data: bytes, got: bytes) -> tuple[list[bytes], list[str]]:
+    """What the client read for one case's bytes (the requests answered), and the
+    invariants that broke: every response answers a request it sent, in order, none twice."""
     try:
-        r.notified(lambda m: "READY=1" in m)
-        yield r, color
-    finally:
-        r.close()
-        color.stop()
-    assert "Traceback" not in r.stderr(), r.stderr()
-    assert "Exception in" not in r.stderr(), r.stderr()
+        seen = answers(got)
+    except httptools.HttpParserError as e:
+        return [], [f"the client could not parse its answer ({e}): {data!r} -> {got[:300]!r}"]
+    targets = client_requests(data)
+    problems = []
+    if len(seen) != len(set(seen)):
+        problems.append(f"a request answered twice: {data!r} -> {got[:300]!r}")
+    if not all(a in targets for a in seen):
+        problems.append(f"an answer to a request not sent: {data!r} -> {got[:300]!r}")
+    elif seen != sorted(seen, key=targets.index):
+        problems.append(f"answers out of order: {data!r} -> {got[:300]!r}")
+    return seen, problems
 
 
-def canary(port: int) -> None:
-    got = exchange(port, b"GET /canary HTTP/1.1\r\nHost: t\r\n\r\n", [])
-    assert answers(got) == [b"/canary"], got[:300]
+def color_violations(color: RecordingColor, sent: dict[int, bytes]) -> list[str]:
+    """The color got only well-formed requests the client's bytes held, and no forwarding
+    header a client wrote."""
+    with color.lock:
+        errors, urls, claims = list(color.errors), list(color.urls), list(color.claims)
+    problems = [f"the color could not parse what it received: {e}" for e in errors]
+    # A mutation may hit a case's tag too (/k89/…, /,k289x/…), so a request is checked
+    # against what every case sent: one hidden in case N's body (/kNx/smuggled) still
+    # fails, as only case N holds its tag.
+    framed = {url for data in sent.values() for url in client_requests(data)} | {b"/canary"}
+    for url in urls:  # the color got only what a client sent
+        if url not in framed:
+            tag = TAG.match(url)
+            data = sent.get(int(tag[1]), b"") if tag is not None else b""
+            problems.append(f"the color received {url!r}, which no client sent (its case: "
+                            f"{data!r})")
+    problems += [f"a client's forwarding header reached the color: {c!r}" for c in claims]
+    return problems
 
 
-def test_mutated_framing_never_smuggles_misroutes_or_stops_the_router(
-        setup: tuple[Router, RecordingColor]) -> None:
-    r, color = setup
+def canary(port: int) -> list[str]:
+    try:
+        got = exchange(port, b"GET /canary HTTP/1.1\r\nHost: t\r\n\r\n", [])
+        if answers(got) == [b"/canary"]:
+            return []
+    except (OSError, httptools.HttpParserError) as e:
+        got = repr(e).encode()
+    return [f"the router stopped serving other clients: {got[:300]!r}"]
+
+
+def check(r: Router, color: RecordingColor, cases: int = CASES, first: bool = False) -> Run:
+    """Send the seeded cases through the router; ``first``: stop at the first checkpoint
+    (every 25 cases) that saw a violation."""
     rng = random.Random(SEED)
+    run = Run()
     sent: dict[int, bytes] = {}
-    check: Callable[[int], None] = canary
-    answered = refused = 0
-    for case in range(CASES):
+    for case in range(cases):
         data, cuts = make_case(rng, case)
         sent[case] = data
         got = exchange(r.port, data, cuts)
-        seen = answers(got)
-        answered += bool(seen)
-        refused += got.startswith(b"HTTP/1.1 4")
-        # every response answers a request of this client, in order, none twice
-        targets = client_requests(data)
-        assert len(seen) == len(set(seen)), (data, got)
-        assert all(a in targets for a in seen), (data, got)
-        assert seen == sorted(seen, key=targets.index), (data, got)
-        if case % 25 == 0:
-            check(r.port)
-    check(r.port)
-    assert r.proc.poll() is None
+        seen, problems = client_violations(data, got)
+        run.violations += problems
+        run.answered += bool(seen)
+        run.refused += got.startswith(b"HTTP/1.1 4")
+        if case % 25 == 24:
+            run.violations += canary(r.port)
+            if first and (run.violations or color_violations(color, sent)):
+                break
+    run.violations += canary(r.port)
+    if r.proc.poll() is not None:
+        run.violations.append(f"the router exited with {r.proc.returncode}")
+    run.violations += color_violations(color, sent)
     with color.lock:
-        errors, urls = list(color.errors), list(color.urls)
-    assert not errors, errors[:5]
-    for url in urls:  # the color got only what a client sent
-        if url == b"/canary":
-            continue
-        tag = TAG.match(url)
-        assert tag is not None, url
-        assert url in client_requests(sent[int(tag[1])]), (url, sent[int(tag[1])])
-    assert len(urls) > CASES // 4  # the mutations left enough requests to check
-    assert answered > CASES // 4 and refused > CASES // 10, (answered, refused)
+        run.forwarded = len(color.urls)
+    return run
+
+
+@pytest.fixture
+def launch(tmp: Path) -> Iterator[Callable[..., tuple[Router, RecordingColor]]]:
+    """Start a router in http mode (``program``: a variant of it) with a recording color."""
+    started: list[tuple[Router, RecordingColor]] = []
+
+    def launch_(program: list[str] | None = None,
+                **settings: Any) -> tuple[Router, RecordingColor]:
+        port, blue, green = next(_ports), next(_ports), next(_ports)
+        env_dir = tmp / "state" / "app-test"
+        env_dir.mkdir(parents=True, exist_ok=True)
+        ports = {Color.blue: blue, Color.green: green}
+        write_settings(env_dir, tmp, ports, mode="http", header_timeout=2.0, **settings)
+        files.save_state(env_dir, blue_live())
+        color = RecordingColor(blue)
+        try:
+            r = Router.spawn(tmp, port, ports, backlog=256, program=program)
+        except BaseException:
+            color.stop()
+            raise
+        started.append((r, color))
+        r.notified(lambda m: "READY=1" in m)
+        return r, color
+
+    yield launch_
+    for r, color in started:
+        r.close()
+        color.stop()
+    for r, _ in started:
+        assert "Traceback" not in r.stderr(), r.stderr()
+        assert "Exception in" not in r.stderr(), r.stderr()
+
+
+def test_mutated_framing_never_smuggles_misroutes_or_stops_the_router(
+        launch: Callable[..., tuple[Router, RecordingColor]]) -> None:
+    r, color = launch()
+    run = check(r, color)
+    assert not run.violations, run.violations[:5]
+    # The mutations left enough requests to check, and enough refusals to mean something.
+    assert run.forwarded > CASES // 4
+    assert run.answered > CASES // 4 and run.refused > CASES // 10, run
+
+
+# -- negative controls: the checker notices a router that breaks a rule -----------------------
+
+# The router, its request parser made lenient as llhttp allows: a request with both
+# Content-Length and Transfer-Encoding (the classic smuggling shape, RFC 9112 §6.1) is read.
+LENIENT_ROUTER = """
+import sys
+import httptools
+
+class Lenient(httptools.HttpRequestParser):
+    def __init__(self, protocol):
+        super().__init__(protocol)
+        self.set_dangerous_leniencies(lenient_chunked_length=True)
+
+httptools.HttpRequestParser = Lenient
+from switcher.router.__main__ import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(("variant", "expected"), [
+    ({"program": [sys.executable, "-c", LENIENT_ROUTER]}, "the color could not parse"),
+    ({"trusted_proxies": ("127.0.0.1",)}, "forwarding header reached the color"),
+], ids=["lenient-framing", "client-trusted"])
+def test_the_checker_sees_a_router_that_breaks_a_rule(
+        launch: Callable[..., tuple[Router, RecordingColor]], variant: dict[str, Any],
+        expected: str) -> None:
+    r, color = launch(**variant)
+    run = check(r, color, first=True)
+    assert any(expected in v for v in run.violations), run.violations[:5]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import resource
 import socket
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httptools
 import pytest
 
 from switcher import state as files
@@ -537,6 +539,187 @@ def test_chunk_framing_is_bounded_by_the_data_it_frames(
         head, body = read_response(c)
     assert status(head) == 400
     assert b"chunk framing" in body
+
+
+# -- 10. protocols other than HTTP/1.x ---------------------------------------------------------
+# llhttp also reads RTSP/x.y and ICE/x.y start lines (and HTTP/2.0, HTTP/0.9) and tells only
+# the version: test_llhttp_reads_these_protocols pins what it takes.
+
+def _llhttp_takes(parser: type[httptools.HttpRequestParser | httptools.HttpResponseParser],
+                  data: bytes) -> str | None:
+    p = parser(object())
+    try:
+        p.feed_data(data)
+    except httptools.HttpParserError:
+        return None
+    return p.get_http_version()
+
+
+def test_llhttp_reads_these_protocols() -> None:
+    """What the router must refuse itself; when llhttp changes, so must this list."""
+    request = httptools.HttpRequestParser
+    response = httptools.HttpResponseParser
+    for line, version in [
+        (b"SOURCE /x ICE/1.0", "1.0"), (b"SOURCE /x ICE/1.1", "1.1"),
+        (b"OPTIONS /x RTSP/1.0", "1.0"), (b"GET /x RTSP/1.1", "1.1"), (b"GET /x RTSP/2.0", "2.0"),
+        (b"GET /x HTTP/2.0", "2.0"), (b"GET /x HTTP/0.9", "0.9"), (b"GET /x", "0.9"),
+        (b"GET   /x   HTTP/1.1", "1.1"), (b"GET /x HTTP/1.2", None), (b"GET /x HTTP/3.0", None),
+        (b"GET /x ICE/1.0", None), (b"GET /x http/1.1", None), (b"GET /x PRI/1.0", None),
+    ]:
+        assert _llhttp_takes(request, line + b"\r\nHost: t\r\n\r\n") == version, line
+    for line, version in [
+        (b"ICE/1.0 200 OK", "1.0"), (b"RTSP/1.0 200 OK", "1.0"), (b"RTSP/2.0 200 OK", "2.0"),
+        (b"HTTP/2.0 200 OK", "2.0"), (b"HTTP/0.9 200 OK", "0.9"), (b"ICE 200 OK", None),
+        (b"HTTP/1.2 200 OK", None),
+    ]:
+        assert _llhttp_takes(response, line + b"\r\nContent-Length: 0\r\n\r\n") == version, line
+
+
+NOT_HTTP = {
+    "ICE": (b"SOURCE /x ICE/1.0\r\nHost: t\r\n\r\n", 400),
+    "ICE/1.1": (b"SOURCE /x ICE/1.1\r\nHost: t\r\n\r\n", 400),
+    "RTSP": (b"OPTIONS /x RTSP/1.0\r\nHost: t\r\n\r\n", 400),
+    "RTSP/1.1 GET": (b"GET /x RTSP/1.1\r\nHost: t\r\nUser-Agent: a\r\n\r\n", 400),
+    "RTSP asterisk, no header": (b"OPTIONS * RTSP/1.0\r\n\r\n", 400),
+    "RTSP POST with a body": (b"POST /x RTSP/1.0\r\nContent-Length: 2\r\n\r\nab", 400),
+    "RTSP between runs of spaces": (b"GET   /x    RTSP/1.1\r\nHost: t\r\n\r\n", 400),
+    "RTSP/2.0": (b"GET /x RTSP/2.0\r\nHost: t\r\n\r\n", 400),
+    "HTTP/2.0": (b"GET /x HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    "HTTP/0.9": (b"GET /x\r\n\r\n", 505),
+}
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
+    """Send ``data`` cut at ``cuts``, pausing between pieces so the router reads each alone
+    (mostly: a test that needs it every time cuts once)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pause = 0.02 if len(cuts) < 5 else 0.002
+    for a, b in itertools.pairwise([0, *cuts, len(data)]):
+        sock.sendall(data[a:b])
+        time.sleep(pause)
+
+
+def cuts_for(how: str, data: bytes) -> list[int]:
+    line_end = data.index(b"\r\n")
+    return {
+        "whole": [],
+        "inside the protocol name": [data.rindex(b" ", 0, line_end) + 3],
+        "after the request line": [line_end + 2],  # httptools has reported nothing yet
+        "inside the first header": [line_end + 4],
+        "byte by byte": list(range(1, len(data))),
+    }[how]
+
+
+@pytest.mark.parametrize("how", ["whole", "inside the protocol name", "after the request line",
+                                 "inside the first header", "byte by byte"])
+def test_a_request_line_of_another_protocol_is_refused_and_never_forwarded(
+        start: Callable[..., tuple[Router, ScriptedColor]], how: str) -> None:
+    r, color = start(serve_ok)
+    for name, (request, expected) in NOT_HTTP.items():
+        with client(r) as c:
+            send_in_pieces(c, request, cuts_for(how, request))
+            head, body = read_response(c)
+        assert status(head) == expected, (name, head, body)
+        if expected == 400:
+            assert b"is not HTTP" in body, (name, body)
+    assert color.connections == 0
+    assert color.all_bytes == b""
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+], ids=["bodiless", "length", "chunked"])
+def test_a_request_line_of_another_protocol_behind_a_good_request_is_refused_in_turn(
+        start: Callable[..., tuple[Router, ScriptedColor]], first: bytes) -> None:
+    r, color = start(serve_ok)
+    with client(r) as c:
+        c.sendall(first + b"GET /x RTSP/1.1\r\nHost: t\r\n\r\n")
+        got = b""
+        while data := c.recv(65536):  # both answers, then the end
+            got += data
+    assert re.fullmatch(rb"HTTP/1\.1 200 OK\r\n.*?\r\n\r\nokHTTP/1\.1 400 Bad Request\r\n.*"
+                        rb"RTSP/ is not HTTP.*", got, re.DOTALL), got
+    assert color.all_bytes.count(b"/a HTTP/1.1\r\n") == 1
+    assert b"/x" not in color.all_bytes
+
+
+@pytest.mark.parametrize("request_", [
+    b"SOURCE /x HTTP/1.1\r\nHost: t\r\n\r\n",  # an HTTP method too (Icecast's)
+    b"GET  /x  HTTP/1.1\r\nHost: t\r\n\r\n",  # runs of spaces: llhttp takes them
+    b"GET /x HTTP/1.1\r\nHost: t\r\nUser-Agent: VLC RTSP/1.0\r\nX-Say: GET / RTSP\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 17\r\n\r\nGET /x RTSP/1.0\r\n",
+], ids=["SOURCE", "spaces", "protocol names in values", "a request line in the body"])
+def test_http_requests_that_mention_other_protocols_still_pass(
+        start: Callable[..., tuple[Router, ScriptedColor]], request_: bytes) -> None:
+    """The negative control: what is HTTP/1.1 is forwarded, however it mentions RTSP."""
+    r, color = start(serve_ok)
+    with client(r) as c:
+        c.sendall(request_)
+        assert status(read_response(c)[0]) == 200
+    assert b" /x HTTP/1.1\r\n" in color.all_bytes
+
+
+@pytest.mark.parametrize(("spaces", "piece", "expected", "settings"), [
+    (20_000, 10_000, 400, {}),
+    (100_000, 10_000, 414, {}),  # more than a line and a header can take
+    (20_000, 20_000, 414, {"max_header_bytes": 1024}),  # so is the first read alone
+])
+def test_a_request_line_padded_with_spaces_across_reads_is_still_read_whole(
+        start: Callable[..., tuple[Router, ScriptedColor]], spaces: int, piece: int,
+        expected: int, settings: dict[str, int]) -> None:
+    """llhttp takes any number of spaces between the parts of a request line: the router holds
+    a line across reads until it ends, up to a bound, so its protocol is never missed."""
+    r, color = start(serve_ok, **settings)
+    with client(r) as c:
+        with contextlib.suppress(OSError):  # refused before the end: the rest may not go
+            for n in range(spaces // piece):
+                c.sendall(b"GET" * (n == 0) + b" " * piece)
+                time.sleep(0.02)
+            c.sendall(b"/x RTSP/1.1\r\nHost: t\r\n\r\n")
+        head, _ = read_response(c)
+    assert status(head) == expected
+    assert color.connections == 0
+
+
+def foreign_answers(peer: Peer) -> None:
+    """Answer ``/N/how`` with status line N of FOREIGN_STATUS, sent the way ``how`` says."""
+    head = peer.head()
+    _, index, how = head.split(b" ")[1].split(b"/")
+    line = FOREIGN_STATUS[int(index)]
+    if head.startswith(b"HEAD"):
+        response = line + b"\r\nContent-Length: 2\r\n\r\n"
+    else:
+        response = line + b"\r\nContent-Length: 2\r\n\r\nok"
+    if how == b"after-1xx":
+        response = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" + response
+    cut = line.index(b"/") if b"/" in line else 2
+    for piece in ([response[:cut], response[cut:]] if how == b"split" else [response]):
+        peer.send(piece)
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        peer.head()  # until the router drops the connection
+
+
+FOREIGN_STATUS = [b"ICE/1.0 200 OK", b"RTSP/1.0 200 OK", b"RTSP/1.1 200 OK", b"RTSP/2.0 200 OK",
+                  b"HTTP/2.0 200 OK", b"HTTP/0.9 200 OK", b"ICE 200 OK"]  # llhttp refuses the last
+
+
+@pytest.mark.parametrize("how", ["whole", "split", "after-1xx", "head"])
+def test_a_response_of_another_protocol_is_a_502_counted_against_the_color(
+        start: Callable[..., tuple[Router, ScriptedColor]], how: str) -> None:
+    r, color = start(foreign_answers)
+    method = b"HEAD" if how == "head" else b"GET"
+    for index, line in enumerate(FOREIGN_STATUS):
+        with client(r) as c:
+            c.sendall(b"%s /%d/%s HTTP/1.1\r\nHost: t\r\n\r\n" % (method, index, how.encode()))
+            head, _ = read_response(c, head_request=how == "head")
+            while status(head) < 200:
+                head, _ = read_response(c, head_request=how == "head")
+        assert status(head) == 502, (line, head)
+    assert r.control({"cmd": "status"})["errors"]["blue"] == len(FOREIGN_STATUS)
+    assert color.connections == len(FOREIGN_STATUS)  # none was kept for the next request
 
 
 # -- 8. memory of closed connections -----------------------------------------------------------

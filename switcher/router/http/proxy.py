@@ -72,6 +72,7 @@ from switcher.router.http.wire import (
     SAFE_METHODS,
     TOO_MANY,
     UNREACHABLE,
+    URI_TOO_LONG,
     bad_request,
     forwarding,
 )
@@ -156,6 +157,7 @@ class Conn(RequestReader, asyncio.Protocol):
             return  # else refused: read and dropped
         continued, begun, reading = self.in_head, self.begun, self.req
         received = 0 if reading is None else reading.received
+        self.reading(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as e:
@@ -174,7 +176,14 @@ class Conn(RequestReader, asyncio.Protocol):
                 self._count_head(len(data))
             elif reading is not None and reading is self.req:
                 self._count_framing(reading, len(data) - (reading.received - received))
+            self._bound_line()
+        self.chunk = b""  # not held while the connection waits
         self._pump()
+
+    def _bound_line(self) -> None:
+        """A request line still unchecked after a read is held for the next: not too much."""
+        if self.line is not None and not self.line_unfinished():
+            self._refuse(URI_TOO_LONG)
 
     def _count_head(self, size: int) -> None:
         """httptools keeps an unfinished header to itself, however long: count the chunks
@@ -505,6 +514,7 @@ class Conn(RequestReader, asyncio.Protocol):
         """The request being read is refused: it is answered in its turn, then the end."""
         self.dead = True
         self.in_head = False
+        self.line = None
         req = self.req
         if req is None:
             if self.queue and not self.queue[-1].keep_alive:
@@ -693,7 +703,7 @@ class Upstream(ResponseReader, asyncio.Protocol):
             if req.kind != PLAIN and not began:
                 self._head_first(data)
             else:
-                self.parser.feed_data(data)
+                self.feed(data)
         except (HttpParserError, Unsolicited):
             if not self.done:
                 if not began:  # its head is still ours: the client gets a 502 instead

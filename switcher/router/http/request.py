@@ -5,6 +5,8 @@ repeated or invalid Content-Length, bad chunk sizes, obs-fold and bare LF):
 
 - a request line beyond ``MAX_REQUEST_LINE`` → 414; headers beyond ``max_header_bytes``
   → 431 (httptools has no limit at all); versions other than 1.0/1.1 → 505;
+- a request line of another protocol llhttp also reads (``SOURCE /x ICE/1.0``,
+  ``OPTIONS * RTSP/1.0``) → 400, read from the raw bytes (httptools tells only the version);
 - HTTP/1.1 without ``Host``, or any request with two → 400;
 - ``Transfer-Encoding`` other than exactly ``chunked`` (or any in HTTP/1.0) → 400;
 - an ``Upgrade``/``CONNECT`` request announcing a body → 400;
@@ -57,11 +59,16 @@ from switcher.router.http.wire import (
     VERSION_NOT_SUPPORTED,
     bad_request,
     drop_named,
+    foreign_request_line,
     forwarding,
     is_forwarding,
+    start_line_tail,
 )
 
 _now = time.monotonic
+# What a request line held across reads may take beyond its target (method, spaces, version)
+# and one header before it is refused as too long (llhttp takes any number of spaces).
+LINE_SLACK = 256
 
 
 class Reject(Exception):  # noqa: N818 - not an error of the router: an answer
@@ -141,8 +148,9 @@ class RequestReader:
     """The httptools callbacks of a client connection (:class:`.proxy.Conn` is one): each
     request's head is read, checked and rebuilt into a :class:`Request` on ``queue``."""
 
-    __slots__ = ("begun", "hdrs", "head_bytes", "head_chunks", "hosts", "in_head", "length",
-                 "req", "since", "te", "tokens", "upgrade", "url", "xff", "xfp", "xfwd")
+    __slots__ = ("begun", "chunk", "hdrs", "head_bytes", "head_chunks", "hosts", "in_head",
+                 "length", "line", "req", "since", "te", "tokens", "upgrade", "url", "xff", "xfp",
+                 "xfwd")
 
     # Set by the connection.
     limits: Limits
@@ -169,6 +177,20 @@ class RequestReader:
         self.head_chunks = 0  # whole chunks read while a head was still incomplete
         self.begun = 0  # requests begun on this connection
         self.in_head = False
+        self.chunk = b""  # the read being parsed (set by the connection around each feed)
+        self.line: bytes | None = None  # from a read that holds the request line being read
+
+    def reading(self, data: bytes) -> None:
+        """Before a read is parsed: a request line begun in an earlier one goes on in it."""
+        self.chunk = data
+        if self.line is not None:
+            self.line += data
+
+    def line_unfinished(self) -> bool:
+        """After a read was parsed with the request line still unchecked: keep what can be of
+        it; False when that is longer than any head the router takes."""
+        line = self.line = start_line_tail(cast(bytes, self.line))
+        return len(line) <= MAX_REQUEST_LINE + LINE_SLACK + self.limits.max_header_bytes
 
     def on_message_begin(self) -> None:
         req = Request()
@@ -183,6 +205,7 @@ class RequestReader:
         self.length = self.te = self.tokens = self.xff = self.xfp = self.xfwd = None
         self.head_bytes = self.head_chunks = 0
         self.in_head = True
+        self.line = self.chunk
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -190,6 +213,8 @@ class RequestReader:
             raise Reject(URI_TOO_LONG)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.line is not None:
+            self._check_line()  # the request line has ended
         size = self.head_bytes = self.head_bytes + len(name) + len(value) + 4
         if size > self.limits.max_header_bytes:
             raise Reject(HEADERS_TOO_LARGE)
@@ -272,6 +297,13 @@ class RequestReader:
         req.out.append(head)
         req.ready = True
 
+    def _check_line(self) -> None:
+        raw, self.line = cast(bytes, self.line), None
+        protocol = foreign_request_line(raw, self.parser.get_method(), self.url)
+        if protocol is not None:
+            raise Reject(bad_request(f"{protocol.decode()} is not HTTP: the request line must "
+                                     "end in HTTP/1.0 or HTTP/1.1"))
+
     def _check_connect(self) -> None:
         if not self.limits.connect:
             raise Reject(METHOD_NOT_ALLOWED)
@@ -280,6 +312,8 @@ class RequestReader:
 
     def _check_head(self, req: Request, version: str) -> None:
         """What llhttp lets through and the router does not: see the module docstring."""
+        if self.line is not None:
+            self._check_line()
         if version == "1.1":
             if self.hosts != 1:
                 raise Reject(bad_request("HTTP/1.1 needs exactly one Host header"))

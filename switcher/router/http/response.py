@@ -37,6 +37,8 @@ from switcher.router.http.wire import (
     UPGRADE,
     UPGRADE_REQUEST,
     drop_named,
+    foreign_status_line,
+    start_line_tail,
 )
 
 
@@ -48,9 +50,9 @@ class ResponseReader:
     """The httptools callbacks of a connection to a color (:class:`.proxy.Upstream` is
     one): the response to ``request`` is read, its head rebuilt into ``out``."""
 
-    __slots__ = ("buf", "close_client", "done", "framing", "hdrs", "in_head", "interim", "keep",
-                 "length", "opened", "parser", "reason", "served", "started", "status", "te",
-                 "tokens", "trailers", "upgrade")
+    __slots__ = ("buf", "chunk", "close_client", "done", "framing", "hdrs", "in_head", "interim",
+                 "keep", "length", "line", "opened", "parser", "reason", "served", "started",
+                 "status", "te", "tokens", "trailers", "upgrade")
 
     # Set by the connection.
     request: Request | None
@@ -73,10 +75,27 @@ class ResponseReader:
         self.length: bytes | None = None
         self.te: bytes | None = None
         self.tokens: bytes | None = None
+        self.chunk = b""  # the read being parsed
+        self.line: bytes | None = None  # from a read that holds the status line being read
+
+    def feed(self, data: bytes) -> None:
+        """Parse a read of the color's; a status line is checked on the way (see wire)."""
+        if self.line is not None:  # begun in an earlier read
+            self.line += data
+        self.chunk = data
+        try:
+            self.parser.feed_data(data)
+        finally:
+            self.chunk = b""
+        if self.line is not None:
+            self.line = start_line_tail(self.line)
+            if len(self.line) > MAX_RESPONSE_HEAD:
+                raise Unsolicited
 
     def on_message_begin(self) -> None:
         if self.request is None or self.done:
             raise Unsolicited
+        self.line = self.chunk
         self.hdrs = []
         self.trailers = []
         self.length = self.te = self.tokens = None
@@ -88,6 +107,8 @@ class ResponseReader:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.line is not None:
+            self._check_status_line()  # it has ended
         if not self.in_head:
             self.trailers += (name, SEP, value, CRLF)
             return
@@ -111,6 +132,8 @@ class ResponseReader:
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.line is not None:
+            self._check_status_line()
         self.status = status = self.parser.get_status_code()
         req = cast(Request, self.request)
         hdrs = self.hdrs
@@ -130,6 +153,16 @@ class ResponseReader:
             self.framing = self._framing(status, req)  # may refuse: nothing sent yet
             self.started = True
         self._send_head(hdrs)
+
+    def _check_status_line(self) -> None:
+        """Only HTTP/1.0 and HTTP/1.1: llhttp also reads HTTP/2.0, HTTP/0.9, RTSP/1.0 and
+        ICE/1.0 status lines; from a color, any of them is a broken answer (502)."""
+        raw, self.line = cast(bytes, self.line), None
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1") or \
+                foreign_status_line(raw, version, parser.get_status_code()) is not None:
+            raise Unsolicited
 
     def _framing(self, status: int, req: Request) -> int:
         """How the body reaches the client; adds the framing and Connection headers."""
@@ -213,7 +246,7 @@ class ResponseReader:
             block, buf = buf[:end], buf[end:]
             self.parser = parser = httptools.HttpResponseParser(self)
             try:
-                parser.feed_data(block)
+                self.feed(block)
             except HttpParserUpgrade:
                 pass
             except HttpParserError:
@@ -234,5 +267,5 @@ class ResponseReader:
             self.done = True
             self.served += 1
         elif buf:
-            parser.feed_data(buf)  # a refused Upgrade/CONNECT: an ordinary response
+            self.feed(buf)  # a refused Upgrade/CONNECT: an ordinary response
 

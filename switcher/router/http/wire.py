@@ -45,6 +45,9 @@ def bad_request(why: str) -> bytes:
 URI_TOO_LONG = http_error("414 URI Too Long", f"request line longer than {MAX_REQUEST_LINE}")
 HEADERS_TOO_LARGE = http_error("431 Request Header Fields Too Large", "headers too large")
 REQUEST_TIMEOUT = http_error("408 Request Timeout", "request headers took too long")
+# RFC 9110 §15.6.6: 505 refuses the *major version* of HTTP a request used (HTTP/2.0 and
+# HTTP/0.9 in an HTTP/1 request line); a line of another protocol (RTSP/1.0, ICE/1.0) is not
+# an HTTP request line at all: RFC 9112 §3 (HTTP-name is "HTTP", case-sensitive) → 400.
 VERSION_NOT_SUPPORTED = http_error("505 HTTP Version Not Supported", "HTTP/1.0 and 1.1 only")
 METHOD_NOT_ALLOWED = http_error("405 Method Not Allowed", "CONNECT is not allowed here")
 NO_LIVE_COLOR = http_error("503 Service Unavailable", "no live color yet")
@@ -113,6 +116,65 @@ _RESPONSE_OTHER = (
 FAST_RESPONSE = re.compile(
     rb"HTTP/1\.1 (?!204|304)[2-5][0-9][0-9] [\t\x20-\x7e\x80-\xff]*+\r\n"
     rb"%s(?i:content-length):[ \t]*([0-9]{1,15})[ \t]*\r\n%s\r\n" % ((_RESPONSE_OTHER,) * 2))
+
+
+# llhttp reads three protocols, HTTP, RTSP and ICE (``SOURCE /x ICE/1.0``, ``RTSP/1.0 200
+# OK``), and tells only the version, so the router reads the name from the bytes the start
+# line arrived in. The line could be anywhere in them (after a previous request's body, or
+# a 1xx), so every place it could be is checked: the place it is cannot pass. A name is a run
+# of capitals then "/", so that a header value ("Referer: GET / now") is never taken for one.
+_SPACES = re.compile(rb" *")
+_NAME = re.compile(rb"[A-Z]+/")
+
+
+def _past_spaces(raw: bytes, pos: int) -> int:
+    spaces = _SPACES.match(raw, pos)
+    return pos if spaces is None else spaces.end()
+
+
+def foreign_request_line(raw: bytes, method: bytes, target: bytes) -> bytes | None:
+    """The protocol (``RTSP/``…) of a request line ``method target NAME/x.y`` in ``raw`` whose
+    NAME is not HTTP, if there is one; llhttp takes any number of spaces between the parts."""
+    lead = method + b" "
+    usual = b"%s %s HTTP/" % (method, target)
+    at = raw.find(lead)
+    while at >= 0:
+        if not raw.startswith(usual, at):  # (the usual line, at a third of the cost)
+            pos = _past_spaces(raw, at + len(lead))
+            after = pos + len(target)
+            if raw.startswith(target, pos) and raw.startswith(b" ", after):
+                name = _NAME.match(raw, _past_spaces(raw, after))
+                if name is not None and name[0] != b"HTTP/":
+                    return name[0]
+        at = raw.find(lead, at + 1)
+    return None
+
+
+def foreign_status_line(raw: bytes, version: str, status: int) -> bytes | None:
+    """The protocol of a status line ``NAME/version status`` starting a line of ``raw`` whose
+    NAME is not HTTP, if there is one."""
+    needle = b"/%s %d" % (version.encode(), status)
+    at = raw.find(needle)
+    while at >= 0:
+        start = raw.rfind(b"\n", 0, at) + 1
+        if start != at - 4 or not raw.startswith(b"HTTP", start):
+            name = _NAME.fullmatch(raw, start, at + 1)
+            if name is not None and name[0] != b"HTTP/":
+                return name[0]
+        at = raw.find(needle, at + 1)
+    return None
+
+
+def start_line_tail(raw: bytes) -> bytes:
+    """What to keep of ``raw`` for a start line still unchecked at the end of a read: from
+    after its third-last line end. httptools reports a header only once the next one begins,
+    so the line may have ended, and one header too (llhttp takes no bare LF)."""
+    cut = len(raw)
+    for _ in range(3):
+        cut = raw.rfind(b"\n", 0, cut)
+        if cut < 0:
+            break
+    return raw[cut + 1:]
 
 
 def is_forwarding(name: bytes) -> bool:
