@@ -4,10 +4,11 @@ Load generators fill the ephemeral range (32768-60999 here) with client-side TIM
 sockets, and a listener cannot bind a port that is the local port of one, even with
 SO_REUSEADDR. So tests take ports from 20000 up to just below the ephemeral range.
 
-Each test module gets a block that starts at a place derived from its name and the checkout's
-path (stable across runs; two checkouts testing at once, a clone in /tmp beside the working
-tree say, start in different places instead of racing for the same ports), skipping ports another module of this run already holds and ports that
-fail a bind-and-listen probe with SO_REUSEADDR (someone else is listening there)::
+Each test module gets a block that starts at a place derived from its name and the
+checkout's path (stable across runs; two checkouts testing at once, a clone in /tmp beside
+the working tree say, start in different places instead of racing for the same ports),
+skipping ports another module of this run already holds and ports that fail a
+bind-and-listen probe with SO_REUSEADDR (someone else is listening there)::
 
     from tests.ports import port_block
     LISTEN, BLUE, GREEN = port_block(__name__, 3)
