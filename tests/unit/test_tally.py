@@ -261,3 +261,31 @@ def test_figures_cover_a_window_and_status_carries_the_start(
     for bad in (0, -1, 301, "60", None, True):
         answer = r.control({"cmd": "figures", "seconds": bad})
         assert not answer["ok"] and "seconds" in answer["error"], answer
+
+
+def accept_queue(listener: socket.socket) -> int:
+    """Connections waiting in a listener's accept queue (tcp_info.tcpi_unacked, for a
+    listening socket, is its backlog)."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[24:28], "little")
+
+
+def test_a_request_queued_on_a_color_that_stops_listening_goes_to_the_fallback(
+        router: Callable[..., Router], serve: Callable[[int], Server]) -> None:
+    r = router(blue_live(fallback=Fallback(Color.green, time.time() + 600)), mode="http")
+    serve(r.ports[Color.green])
+    with socket.socket() as deaf:  # blue: listens, never accepts, then closes
+        deaf.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deaf.bind(("127.0.0.1", r.ports[Color.blue]))
+        deaf.listen(8)
+        answer: list[int] = []
+        client = threading.Thread(target=lambda: answer.append(get(r.port, "/status/200")))
+        client.start()
+        wait_for(lambda: accept_queue(deaf) == 1, what="the request queued on blue")
+    client.join(10)
+    # The kernel reset the queued connection: nothing was read, so the GET went again, and
+    # blue, gone now, refused it to the fallback.
+    assert answer == [200]
+    blue = counters(r, "blue")
+    assert blue["failures"]["reset"] == 1 and blue["failures"]["refused"] == 1
+    assert counters(r, "green")["responses"]["2xx"] == 1

@@ -18,9 +18,10 @@ are :mod:`.request`'s, the response framing :mod:`.response`'s, the bytes :mod:`
 
 A color that refuses the connection (nothing sent yet) is replaced by the fallback color
 of DESIGN.md, the previous live color inside its window and never a color in its health
-gate; failing that, 502. A kept-alive connection the color closed just as a bodiless
-request of a safe method (GET, HEAD, OPTIONS, TRACE) went out is replaced and the request sent
-again; any other gets 502, never a second copy.
+gate; failing that, 502. A connection the color closed before answering a byte of a
+bodiless request of a safe method (GET, HEAD, OPTIONS, TRACE) is replaced and the request
+sent again, once (a new connection that finds the color gone finds the fallback); any other
+gets 502, never a second copy.
 
 Upgrade (101) and CONNECT (2xx) turn the connection into a tunnel pinned to its color,
 counted in flight until it ends; after a switch the router closes it, cleanly, when the old
@@ -386,11 +387,18 @@ class Conn(RequestReader, asyncio.Protocol):
         if up.started:
             up.backend.failed(Failure.reset)
             self._close(abort=True)  # the client must see its response was cut short
-        elif up.served and not up.seen and req.done and not req.body and req.kind != CONNECT \
-                and req.head.partition(b" ")[0] in SAFE_METHODS:
-            # A kept-alive connection the color closed as the request went out: nothing was
-            # read, nothing answered; send it again on a new connection. Only a safe method:
-            # the app may have acted on anything else before closing (RFC 9110 §9.2.2).
+        elif not up.seen and req.done and not req.body and req.kind != CONNECT \
+                and not req.resent and req.head.partition(b" ")[0] in SAFE_METHODS:
+            # Nothing was read, nothing answered: send it again on a new connection, once.
+            # Only a safe method: the app may have acted on anything else before closing
+            # (RFC 9110 §9.2.2). A kept-alive connection closed as the request went out is
+            # the color's keep-alive timeout racing ours; a new connection closed before a
+            # byte is the color's failure (its listener closed with it queued, say), and the
+            # new connect then finds the fallback if the color is gone, as nginx's
+            # proxy_next_upstream does for idempotent requests.
+            if not up.served:
+                up.backend.failed(Failure.reset)
+            req.resent = True
             self._release()
             req.out = [req.head]
             self._pump()

@@ -135,6 +135,7 @@ class Request:
     chunked = False
     body = False
     fast = False  # its response may take the fast path
+    resent = False  # sent again once already (see Conn.upstream_lost)
     began = 0.0  # monotonic time its head was read whole (the duration runs from here)
     head = b""  # as sent upstream: a bodiless request may be sent again
     received = 0  # chunked: body bytes read so far
