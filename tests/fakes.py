@@ -173,6 +173,7 @@ class FakeRouter:
     traffic: Callable[[FakeRouter], None] | None = None
     unreadable: bool = False
     asked_seconds: list[float] = field(default_factory=list)
+    drain_until: float | None = None  # of the last switch
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         if self.traffic is not None:
@@ -192,7 +193,7 @@ class FakeRouter:
 
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
-        self.active, self.fallback = target, fallback
+        self.active, self.fallback, self.drain_until = target, fallback, drain_until
         self.switches.append(target)
         return {"ok": True, "serving": target.value}
 

@@ -282,7 +282,11 @@ class Deployer(Site):
                               f"{target} keeps serving (systemd restarts it on failure)",
                               self.journal_hint(target))
         fallback = before.fallback if before.fallback and before.fallback.color != target else None
-        back = before.with_(pending=None, fallback=fallback)
+        # The failed color finishes what it has (its stop lets the app do so) for up to
+        # `drain`, as an old color does after a switch; cut at once, its in-flight requests
+        # would be 504s to clients whose answers were on their way.
+        back = before.with_(pending=None, fallback=fallback,
+                            drain_until=self.clock.now() + self.env.drain)
         live_build = before.builds.get(before.active) or ""
         state.save_state(self.env_dir, before.with_(pending=Pending(
             before.active, Phase.switching, SWITCH_BACK, live_build)))
