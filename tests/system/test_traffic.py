@@ -201,3 +201,7 @@ def test_prometheus_sees_what_the_clients_counted_across_two_deploys(
         wait_for(f"Prometheus's {color} count to reach {expected}",
                  lambda c=color, x=expected: scraped(prometheus, c) == x, timeout=10)
     assert query(prometheus, "alive_switch_switches_total")[0] >= 2
+    # status shows the same figures over the router's last 60 s.
+    recent = env.status_json()["colors"][live]["recent"]
+    assert recent["answers"] > 0 and recent["answers_per_s"] > 0, recent
+    assert recent["failed"] == 0, recent
