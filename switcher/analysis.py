@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from switcher.config import Analysis
-from switcher.model import DURATION_BOUNDS, Color
+from switcher.model import DURATION_BOUNDS, STATUS_CLASSES, Color
 
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CLASSES = STATUS_CLASSES
 # The latency histogram's upper bounds in seconds (DESIGN.md's metric buckets).
 BOUNDS = DURATION_BOUNDS
 LATENCY_SLACK = 0.05  # seconds added to ratio × the baseline p95

@@ -42,6 +42,7 @@ FIGURES_RING_SECONDS = 300
 # The router's latency histogram: the buckets of alive_switch_request_duration_seconds
 # (DESIGN.md Part 2), in seconds; answers beyond the last fall in one more bucket.
 DURATION_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")  # how the router counts answers
 
 
 class Color(enum.StrEnum):

@@ -24,10 +24,10 @@ import collections
 import enum
 from typing import Any
 
-from switcher.model import DURATION_BOUNDS, FIGURES_RING_SECONDS
+from switcher.model import DURATION_BOUNDS, FIGURES_RING_SECONDS, STATUS_CLASSES
 
 BOUNDS = DURATION_BOUNDS
-CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CLASSES = STATUS_CLASSES
 RING_SECONDS = FIGURES_RING_SECONDS  # the longest `figures` window (and analysis.baseline's)
 RECENT_SECONDS = 60  # what `status` calls recent
 
