@@ -53,7 +53,7 @@ class Envs:
         stage = self.stage
         body = ENV_BODY.format(
             env="stage", listen=S_LISTEN, blue=S_BLUE, green=S_GREEN, builds=stage.builds,
-            python=sys.executable, app=APP, drain=0.5, watch=0.5, standby=30,
+            command=f"{sys.executable} {APP}", drain=0.5, watch=0.5, standby=30,
             health_timeout=5, mode="tcp", extra="", unit_extra="", health_extra="")
         stage.builds.mkdir(parents=True, exist_ok=True)
         self.prod.write_config(drain=0.5, watch=0.5, standby=30, extra=prod_extra, also=body)

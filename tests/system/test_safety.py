@@ -37,7 +37,7 @@ PHASES = ["cancel_timer", "preflight", "start", "health", "pre_switch", "switchi
 def stage_tables(env: Env) -> str:
     return ENV_BODY.format(
         env="stage", listen=S_LISTEN, blue=S_BLUE, green=S_GREEN, builds=env.builds,
-        python=sys.executable, app=APP, drain=1, watch=1, standby=600, health_timeout=2,
+        command=f"{sys.executable} {APP}", drain=1, watch=1, standby=600, health_timeout=2,
         mode="tcp", extra="", unit_extra="", health_extra="")
 
 
