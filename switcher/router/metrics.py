@@ -119,9 +119,11 @@ class MetricsServer:
     def __init__(self, scrape: Callable[[], str]) -> None:
         self.scrape = scrape
         self.server: asyncio.AbstractServer | None = None
+        self.address = ""
 
     async def start(self, address: str) -> None:
         host, _, port = address.rpartition(":")
+        self.address = address
         self.server = await asyncio.start_server(self._serve, host.strip("[]"), int(port),
                                                  limit=HEAD_LIMIT, reuse_address=True)
 

@@ -36,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ class Router:
         self.control: ControlServer | None = None
         self.control_problem = ""
         self.metrics: MetricsServer | None = None
+        self.metrics_problem = ""
         self.started_at = time.time()  # a restarted router counts from zero again
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
@@ -233,9 +234,19 @@ class Router:
         except (OSError, ValueError) as e:
             # Like the control socket: traffic matters more than its figures.
             log("err", f"cannot serve metrics on {address}: {e}; serving without them")
-            self.control_problem = "no metrics listener"
+            self.metrics_problem = "no metrics listener"
             return
         self.metrics = server
+        self.metrics_problem = ""
+
+    def _move_metrics(self) -> None:
+        """A reload changed ``metrics``: close the old listener, open the new one (in a task:
+        reload answers at once, and a bind that fails is logged like one at startup)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.metrics_problem = ""
+        self.loop.create_task(self._open_metrics())
 
     # -- commands (called by control) --------------------------------------------------------
 
@@ -255,7 +266,7 @@ class Router:
             "state_source": self.source, "drain_until": view.drain_until,
             "switched_at": self.switched_at, "stopping": self.stopping,
             "started_at": self.started_at,
-            "metrics": self.settings.metrics if self.metrics is not None else "",
+            "metrics": self.metrics.address if self.metrics is not None else "",
             "allocated_blocks": sys.getallocatedblocks(),  # flat under load: benchmarks/
             "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),
             "recent": self._recent(),
@@ -308,9 +319,12 @@ class Router:
         connections accepted from now on."""
         settings = load_settings(self.env_dir)
         view, source = load_view(self.env_dir)
-        restart = [key for key in ("backlog", "control_socket", "control_group", "metrics")
+        restart = [key for key in ("backlog", "control_socket", "control_group")
                    if getattr(settings, key) != getattr(self.settings, key)]
+        metrics_moved = settings.metrics != self.settings.metrics
         self.settings = settings
+        if metrics_moved:
+            self._move_metrics()
         self.handler = self._handler(settings)
         self.routes.reload(settings, view)
         self.source, self.switched_at = source, None
@@ -333,8 +347,8 @@ class Router:
             parts = [f"serving {live} (build {build})" if build else f"serving {live}"]
         parts += [f"{c} draining {routes.inflight(c)}"
                   for c in Color if c != live and routes.inflight(c)]
-        if self.control_problem:
-            parts.append(self.control_problem)
+        parts += [problem for problem in (self.control_problem, self.metrics_problem)
+                  if problem]
         return " · ".join(parts)
 
     def _tick_status(self) -> None:
@@ -347,10 +361,9 @@ class Router:
         self.loop.call_later(interval, self._tick_watchdog, interval)
 
 
-def _per_color(figures: Any) -> dict[str, Any]:
+def _per_color(figures: Iterable[tuple[Color, Snapshot]]) -> dict[str, Any]:
     """{color: FIGURES} from (Color, Snapshot) pairs."""
-    pairs: list[tuple[Color, Snapshot]] = list(figures)
-    return {c.value: figures_json(snap) for c, snap in pairs}
+    return {c.value: figures_json(snap) for c, snap in figures}
 
 
 def _name(color: Color | None) -> str | None:

@@ -154,3 +154,16 @@ def test_a_metrics_address_in_use_leaves_the_router_serving(
         r = router(mode="tcp", metrics=f"127.0.0.1:{metrics_port}")
         assert "cannot serve metrics on" in r.stderr()
         assert r.control({"cmd": "status"})["ok"]
+
+
+def test_a_reload_moves_the_metrics_listener(router: Callable[..., Router], tmp: Path) -> None:
+    first, second = next(_ports), next(_ports)
+    r = router(mode="http", metrics=f"127.0.0.1:{first}")
+    assert ask(first, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    write_settings(r.env_dir, tmp, r.ports, mode="http", metrics=f"127.0.0.1:{second}")
+    assert r.control({"cmd": "reload"})["restart_needed"] == []
+    wait_for(lambda: r.control({"cmd": "status"})["metrics"] == f"127.0.0.1:{second}",
+             what="the new listener")
+    assert ask(second, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    with pytest.raises(ConnectionRefusedError):
+        ask(first, b"GET /metrics HTTP/1.0\r\n\r\n")
