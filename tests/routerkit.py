@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,3 +114,32 @@ def write_settings(env_dir: Path, tmp: Path, ports: dict[Color, int], **override
 
 def blue_live(**changes: Any) -> State:
     return State(active=Color.blue, builds={Color.blue: "b1", Color.green: None}, **changes)
+
+
+def ready_router(tmp: Path, ports: Iterator[int], state: State | None = None,
+                 backlog: int = 8, **overrides: Any) -> Router:
+    """A router on the next three of ``ports`` (public, blue, green) with ``overrides`` as
+    its settings and ``state`` (blue live by default), once it has sent READY=1."""
+    port, blue, green = next(ports), next(ports), next(ports)
+    colors = {Color.blue: blue, Color.green: green}
+    env_dir = tmp / "state" / "app-test"
+    env_dir.mkdir(parents=True, exist_ok=True)
+    write_settings(env_dir, tmp, colors, **overrides)
+    files.save_state(env_dir, state or blue_live())
+    router = Router.spawn(tmp, port, colors, backlog=backlog)
+    try:
+        router.notified(lambda m: "READY=1" in m)
+    except BaseException:
+        router.close()
+        raise
+    return router
+
+
+def close_all(routers: list[Router]) -> None:
+    """End every router, then check none logged a traceback (asyncio reports exceptions in
+    callbacks on stderr)."""
+    for router in routers:
+        router.close()
+    for router in routers:
+        assert "Traceback" not in router.stderr(), router.stderr()
+        assert "Exception in" not in router.stderr(), router.stderr()

@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from switcher import state as files
-from switcher.model import Color
+from switcher.model import State
 from switcher.router.metrics import ColorMetrics, Metrics, render
 from switcher.router.tally import BOUNDS, ZERO, Tally
 from tests.ports import port_block
-from tests.routerkit import Router, blue_live, wait_for, write_settings
+from tests.routerkit import Router, close_all, ready_router, wait_for, write_settings
 
 _ports = itertools.cycle(port_block(__name__, 20))
 
@@ -93,23 +92,12 @@ def test_counts_histogram_and_sums_read_back() -> None:
 def router(tmp: Path) -> Iterator[Callable[..., Router]]:
     routers: list[Router] = []
 
-    def start(**overrides: Any) -> Router:
-        port, blue, green = next(_ports), next(_ports), next(_ports)
-        ports = {Color.blue: blue, Color.green: green}
-        env_dir = tmp / "state" / "app-test"
-        env_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(env_dir, tmp, ports, **overrides)
-        files.save_state(env_dir, blue_live())
-        r = Router.spawn(tmp, port, ports, backlog=8)
-        routers.append(r)
-        r.notified(lambda m: "READY=1" in m)
-        return r
+    def start(state: State | None = None, **overrides: Any) -> Router:
+        routers.append(ready_router(tmp, _ports, state, **overrides))
+        return routers[-1]
 
     yield start
-    for r in routers:
-        r.close()
-    for r in routers:
-        assert "Traceback" not in r.stderr()
+    close_all(routers)
 
 
 def ask(port: int, request: bytes) -> bytes:

@@ -24,11 +24,10 @@ from typing import Any
 import httptools
 import pytest
 
-from switcher import state as files
 from switcher.model import Color, Fallback, State
 from switcher.router.http import wire
 from tests.ports import port_block
-from tests.routerkit import Router, blue_live, wait_for, write_settings
+from tests.routerkit import Router, close_all, ready_router, wait_for
 
 _ports = itertools.cycle(port_block(__name__, 60))
 
@@ -266,25 +265,15 @@ def router(tmp: Path, colors: dict[Color, Color_]) -> Iterator[Callable[..., Rou
 
     def start(state: State | None = None, run: tuple[Color, ...] = (Color.blue, Color.green),
               **overrides: Any) -> Router:
-        port, blue, green = next(_ports), next(_ports), next(_ports)
-        ports = {Color.blue: blue, Color.green: green}
-        env_dir = tmp / "state" / "app-test"
-        env_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(env_dir, tmp, ports, mode=overrides.pop("mode", "http"), **overrides)
-        files.save_state(env_dir, state or blue_live())
-        for color in run:
-            colors[color] = Color_(color.value, ports[color])
-        r = Router.spawn(tmp, port, ports, backlog=64)
+        r = ready_router(tmp, _ports, state, backlog=64, mode=overrides.pop("mode", "http"),
+                         **overrides)
         routers.append(r)
-        r.notified(lambda m: "READY=1" in m)
+        for color in run:
+            colors[color] = Color_(color.value, r.ports[color])
         return r
 
     yield start
-    for r in routers:
-        r.close()
-    for r in routers:
-        assert "Traceback" not in r.stderr(), r.stderr()
-        assert "Exception in" not in r.stderr(), r.stderr()
+    close_all(routers)
 
 
 # -- a client that reads responses by their framing --------------------------------------------

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from switcher import state as files
 from switcher.model import Color, Fallback, State
 from switcher.router.tally import (
     BOUNDS,
@@ -28,7 +27,7 @@ from switcher.router.tally import (
     minus,
 )
 from tests.ports import port_block
-from tests.routerkit import Router, blue_live, wait_for, write_settings
+from tests.routerkit import Router, blue_live, close_all, ready_router, wait_for
 
 _ports = itertools.cycle(port_block(__name__, 30))
 
@@ -138,22 +137,11 @@ def router(tmp: Path) -> Iterator[Callable[..., Router]]:
     routers: list[Router] = []
 
     def start(state: State | None = None, **overrides: Any) -> Router:
-        port, blue, green = next(_ports), next(_ports), next(_ports)
-        ports = {Color.blue: blue, Color.green: green}
-        env_dir = tmp / "state" / "app-test"
-        env_dir.mkdir(parents=True, exist_ok=True)
-        write_settings(env_dir, tmp, ports, **overrides)
-        files.save_state(env_dir, state or blue_live())
-        r = Router.spawn(tmp, port, ports, backlog=8)
-        routers.append(r)
-        r.notified(lambda m: "READY=1" in m)
-        return r
+        routers.append(ready_router(tmp, _ports, state, **overrides))
+        return routers[-1]
 
     yield start
-    for r in routers:
-        r.close()
-    for r in routers:
-        assert "Traceback" not in r.stderr()
+    close_all(routers)
 
 
 def get(port: int, path: str, timeout: float = 5.0) -> int:
