@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from switcher.router.tally import BOUNDS, Failure, Snapshot, figures_json
 
@@ -41,6 +43,11 @@ class ColorMetrics:
     inflight: int
     live: bool
     build: str
+
+    @functools.cached_property
+    def figures(self) -> dict[str, Any]:
+        """The tally as FIGURES, read once per scrape."""
+        return figures_json(self.tally)
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,11 @@ def render(m: Metrics) -> str:
     out: list[str] = []
     _family(out, "responses_total", "counter", "Answers of each color by status class.",
             [(f'{env},color="{c.color}",code="{code}"', n) for c in m.colors
-             for code, n in figures_json(c.tally)["responses"].items()])
+             for code, n in c.figures["responses"].items()])
     _family(out, "upstream_failures_total", "counter",
             "Failures the router saw itself, by reason.",
             [(f'{env},color="{c.color}",reason="{f.name}"',
-              figures_json(c.tally)["failures"][f.name]) for c in m.colors for f in Failure])
+              c.figures["failures"][f.name]) for c in m.colors for f in Failure])
     _histogram(out, env, m.colors)
     _family(out, "inflight", "gauge", "Requests (tcp: connections) in flight on each color.",
             [(f'{env},color="{c.color}"', c.inflight) for c in m.colors])
@@ -92,7 +99,7 @@ def _histogram(out: list[str], env: str, colors: list[ColorMetrics]) -> None:
     out.append(f"# HELP {name} Request head received to last byte relayed.")
     out.append(f"# TYPE {name} histogram")
     for c in colors:
-        duration = figures_json(c.tally)["duration"]
+        duration = c.figures["duration"]
         labels = f'{env},color="{c.color}"'
         running = 0
         for bound, count in zip((*(f"{b:g}" for b in BOUNDS), "+Inf"), duration["counts"],
