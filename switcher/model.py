@@ -31,6 +31,7 @@ The router's settings file ``router.json`` (written by ``install``)::
 from __future__ import annotations
 
 import enum
+import ipaddress
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -57,6 +58,7 @@ class Color(enum.StrEnum):
 class Mode(enum.StrEnum):
     http = "http"
     tcp = "tcp"
+    direct = "direct"  # the kernel steers to the color's own listener; tcp's path as fallback
 
 
 class Phase(enum.StrEnum):
@@ -178,6 +180,24 @@ class State:
             deploy_id=str(raw.get("deploy_id", "")),
             updated=float(raw.get("updated", 0.0)),
         )
+
+
+def steered_address(public_host: str, color_host: str) -> tuple[int, str | None] | None:
+    """Direct mode: (IP version, local address or None for any) of the connections to the
+    public socket that may be steered to colors bound to ``color_host`` — only those the
+    color's own listener would accept (a loopback-bound color must not become reachable from
+    outside through a wildcard public socket). None when there are none."""
+    color = ipaddress.ip_address(color_host)
+    public = ipaddress.ip_address(public_host.strip("[]") or "::")
+    if not color.is_unspecified:
+        return (color.version, str(color)) if public in (color, _any(public)) else None
+    if public.is_unspecified:
+        return color.version, None
+    return (color.version, str(public)) if public.version == color.version else None
+
+
+def _any(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> object:
+    return ipaddress.ip_address("0.0.0.0" if address.version == 4 else "::")
 
 
 def _color(value: object) -> Color | None:

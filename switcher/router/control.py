@@ -14,7 +14,8 @@ line; a connection may carry several requests in turn. Peers other than root or 
        "drain_until": 1790000010.0, "switched_at": 1790000000.0, "stopping": false,
        "started_at": 1789990000.0,
        "counters": {"blue": FIGURES, "green": FIGURES},
-       "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES}}
+       "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES},
+       "direct": DIRECT}                      (direct mode only)
     → {"cmd": "figures", "seconds": 60}
     ← {"ok": true, "started_at": 1789990000.0, "seconds": 60.0,
        "colors": {"blue": FIGURES, "green": FIGURES}}
@@ -23,11 +24,26 @@ line; a connection may carry several requests in turn. Peers other than root or 
     ← {"ok": true, "serving": "green", "previous": "blue", "switched_at": <epoch>}
     → {"cmd": "fallback", "fallback": null}
     ← {"ok": true, "fallback": null}
+    → {"cmd": "steer", "color": "green"}     (direct mode: take green's listener into the map)
+    ← {"ok": true, "color": "green", "taken_at": <epoch>}
     → {"cmd": "reload"}
     ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
     → anything else
-    ← {"ok": false, "error": "unknown cmd 'foo'; one of: figures, fallback, reload, status,
-       switch"}
+    ← {"ok": false, "error": "unknown cmd 'foo'; one of: fallback, figures, reload, status,
+       steer, switch"}
+
+DIRECT is what the kernel does (:mod:`switcher.router.direct`)::
+
+    {"families": ["ipv4"], "address": "127.0.0.1", "port": 9000, "selected": "green",
+     "steering": true, "steered": {"blue": 0, "green": 5120},
+     "taken_at": {"green": 1790000000.0}}
+
+``steering`` is measured at each ``status``: a probe connection to the public address is
+counted by the program only when the kernel handed it to a color's listener (false when no
+listener is in the live slot, or another program for the port chose first). ``steered``
+counts the connections handed to each color since the router started; the router's own
+``counters`` stay flat for them. Without a loaded program: ``{"steering": false, "problem":
+...}``.
 
 FIGURES is one color's account (:class:`switcher.router.tally.Tally`):
 
@@ -105,6 +121,7 @@ class Commands(Protocol):
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> Reply: ...
     def set_fallback(self, fallback: Fallback | None) -> Reply: ...
+    def steer(self, color: Color) -> Reply: ...
     def reload(self) -> Reply: ...
     def figures(self, seconds: float) -> Reply: ...
 
@@ -152,6 +169,10 @@ def _set_fallback(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.set_fallback(_fallback(message["fallback"]))
 
 
+def _steer(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.steer(_color(message.get("color"), "color"))
+
+
 def _reload(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.reload()
 
@@ -165,7 +186,7 @@ def _figures(commands: Commands, message: dict[str, Any]) -> Reply:
 
 HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
     "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
-    "figures": _figures,
+    "figures": _figures, "steer": _steer,
 }
 
 

@@ -12,6 +12,9 @@
   they go is :mod:`switcher.router.routes`'s (the table); commands are answered by
   :mod:`switcher.router.control`. Signal handlers only queue the signal; the loop acts on
   it in ``handle_term`` (SIGTERM, SIGINT) and ``handle_hup`` (SIGHUP, the unit's ExecReload).
+- direct mode: the kernel hands new connections to the live color's own listener
+  (:mod:`switcher.router.direct`); what it does not steer reaches the router, which forwards
+  it as in tcp mode. ``switch`` is then also a map update, ``steer`` takes a listener.
 - shutdown: STOPPING=1; close our servers, which closes our descriptor of the listening
   socket and never calls ``shutdown()`` on it (that would stop it for every holder, systemd
   included: the kernel keeps queueing connections for the next router); let open
@@ -41,11 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from switcher import state as files
-from switcher.errors import NeedsRepairError, SwitchError, UsageError
+from switcher.errors import NeedsRepairError, SteerError, SwitchError, UsageError
 from switcher.model import Color, Fallback, Mode, RouterSettings, State
 from switcher.router import metrics, tcp
 from switcher.router.activation import Notifier, log
 from switcher.router.control import ControlServer, ControlSocketError, open_control
+from switcher.router.direct import Direct, refuse_outside_direct
 from switcher.router.http import proxy
 from switcher.router.http.request import Limits
 from switcher.router.metrics import ColorMetrics, Metrics, MetricsServer
@@ -132,6 +136,8 @@ class Router:
         self.control_problem = ""
         self.metrics: MetricsServer | None = None
         self.metrics_problem = ""
+        self.direct: Direct | None = None  # direct mode's steering, when attached
+        self.direct_problem = ""
         self.started_at = time.time()  # a restarted router counts from zero again
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
 
@@ -140,7 +146,7 @@ class Router:
         per connection, never again on its path."""
         if settings.mode is Mode.http:
             return functools.partial(proxy.Conn, self.routes, Limits.from_settings(settings))
-        return functools.partial(tcp.Link, self.routes)
+        return functools.partial(tcp.Link, self.routes)  # direct mode: its fallback path
 
     def _connection(self) -> asyncio.Protocol:
         return self.handler()
@@ -169,6 +175,7 @@ class Router:
             log("err", f"{e}; serving without a control socket")
             self.control_problem = "no control socket"
         await self._open_metrics()
+        self._steer_or_not()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.routes.schedule_cut()
@@ -222,6 +229,7 @@ class Router:
             self.control.close()
         if self.metrics is not None:
             self.metrics.close()
+        self._close_direct()
         log("info", "stopped")
 
     async def _open_metrics(self) -> None:
@@ -238,6 +246,28 @@ class Router:
             return
         self.metrics = server
         self.metrics_problem = ""
+
+    def _steer_or_not(self) -> None:
+        """Attach the steering in direct mode (detach it otherwise). A program the kernel
+        refuses leaves the router serving every connection itself, and saying so."""
+        if self.settings.mode is not Mode.direct:
+            self._close_direct()
+            return
+        if self.direct is not None:
+            return
+        try:
+            self.direct = Direct.open(self.settings, self.sockets)
+        except SteerError as e:
+            log("err", f"direct mode cannot steer: {e}; the router serves every connection")
+            self.direct_problem = "not steering"
+            return
+        self.direct_problem = ""
+        self.direct.resume(self.view.active)
+
+    def _close_direct(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None
 
     def _move_metrics(self) -> None:
         """A reload changed ``metrics``: close the old listener, open the new one (in a task:
@@ -270,7 +300,13 @@ class Router:
             "allocated_blocks": sys.getallocatedblocks(),  # flat under load: benchmarks/
             "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),
             "recent": self._recent(),
+            **({"direct": self._direct_status()} if self.settings.mode is Mode.direct else {}),
         }
+
+    def _direct_status(self) -> dict[str, Any]:
+        if self.direct is None:
+            return {"steering": False, "problem": self.direct_problem}
+        return self.direct.status()
 
     def _recent(self) -> dict[str, Any]:
         covered, figures = self.routes.figures(RECENT_SECONDS)
@@ -304,10 +340,21 @@ class Router:
         # In effect from here on: every new connection (tcp) and request (http) reads
         # routes.live.
         before = self.routes.switch(target, fallback, drain_until, builds)
+        if self.direct is not None:
+            self.direct.select(target)  # one map update: new connections go to target now
         self.switched_at = time.time()
         log("notice", f"switched {before or 'nothing'} → {target}: {self.status_line()}")
         return {"ok": True, "serving": target.value, "previous": _name(before),
                 "switched_at": self.switched_at}
+
+    def steer(self, color: Color) -> dict[str, Any]:
+        """Put ``color``'s listener in the steering's map (steered only once it is live)."""
+        if self.direct is None:
+            if self.settings.mode is Mode.direct:
+                raise SteerError(f"direct mode is not steering: {self.direct_problem}",
+                                 f"journalctl -u {self.env_dir.name}.service -n 50")
+            refuse_outside_direct(self.settings.mode.value)
+        return self.direct.take(color)
 
     def set_fallback(self, fallback: Fallback | None) -> dict[str, Any]:
         self.routes.set_fallback(fallback)
@@ -327,6 +374,7 @@ class Router:
             self._move_metrics()
         self.handler = self._handler(settings)
         self.routes.reload(settings, view)
+        self._steer_or_not()
         self.source, self.switched_at = source, None
         log("notice", f"reloaded: {self.status_line()} (view from {source})"
                       + (f"; restart to apply {', '.join(restart)}" if restart else ""))
@@ -347,8 +395,8 @@ class Router:
             parts = [f"serving {live} (build {build})" if build else f"serving {live}"]
         parts += [f"{c} draining {routes.inflight(c)}"
                   for c in Color if c != live and routes.inflight(c)]
-        parts += [problem for problem in (self.control_problem, self.metrics_problem)
-                  if problem]
+        parts += [problem for problem in (self.control_problem, self.metrics_problem,
+                                          self.direct_problem) if problem]
         return " · ".join(parts)
 
     def _tick_status(self) -> None:

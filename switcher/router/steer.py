@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
-import ipaddress
 import os
 import platform
 import socket
@@ -34,7 +33,7 @@ import sys
 from dataclasses import dataclass
 
 from switcher.errors import SteerError
-from switcher.model import Color
+from switcher.model import Color, steered_address
 
 # bpf(2) has no wrapper in Python; its number differs per architecture.
 BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
@@ -194,20 +193,13 @@ class Target:
 
 
 def target(public_host: str, public_port: int, color_host: str) -> Target | None:
-    """What may be steered from the public address to colors bound to ``color_host``: only
-    connections the color's own listener would accept (a loopback-bound color must not
-    become reachable from outside through the wildcard public socket). None when nothing
-    can be: the public socket never receives what the colors accept."""
-    color = ipaddress.ip_address(color_host)
-    family = socket.AF_INET if color.version == 4 else socket.AF_INET6
-    public = ipaddress.ip_address(public_host.strip("[]") or "::")
-    if not color.is_unspecified:
-        if public.is_unspecified or public == color:
-            return Target(family, public_port, str(color))
+    """What may be steered from the public address to colors bound to ``color_host``
+    (:func:`switcher.model.steered_address`); None when nothing can be."""
+    steered = steered_address(public_host, color_host)
+    if steered is None:
         return None
-    if public.is_unspecified:
-        return Target(family, public_port, None)
-    return Target(family, public_port, str(public)) if public.version == color.version else None
+    version, address = steered
+    return Target(socket.AF_INET if version == 4 else socket.AF_INET6, public_port, address)
 
 
 def program(target: Target, live_fd: int, listeners_fd: int, counts_fd: int) -> list[Insn | str]:
