@@ -19,6 +19,7 @@ class Router(Protocol):
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]: ...
     def set_fallback(self, fallback: Fallback | None) -> None: ...
+    def steer(self, color: Color) -> None: ...
 
 
 def serving(status: dict[str, Any]) -> Color | None:
@@ -109,3 +110,7 @@ class ControlSocket:
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self._request({"cmd": "fallback", "fallback": fallback_json(fallback)}, CONTROL_TIMEOUT)
+
+    def steer(self, color: Color) -> None:
+        """Direct mode: the router takes ``color``'s listener into the kernel's map."""
+        self._request({"cmd": "steer", "color": color.value}, CONTROL_TIMEOUT)

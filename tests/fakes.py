@@ -174,6 +174,9 @@ class FakeRouter:
     unreadable: bool = False
     asked_seconds: list[float] = field(default_factory=list)
     drain_until: float | None = None  # of the last switch
+    steered: list[Color] = field(default_factory=list)  # direct mode's listeners taken
+    steer_error: str = ""  # set: ``steer`` fails with it
+    direct: dict[str, Any] | None = None  # direct mode's report in ``status``
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         if self.traffic is not None:
@@ -184,12 +187,18 @@ class FakeRouter:
         return {"ok": True, "serving": self.active.value if self.active else None,
                 "inflight": {"blue": 0, "green": 0}, "started_at": self.started_at,
                 "counters": _colors(self.counters),
-                "recent": {"seconds": 60.0, **_colors(self.recent)}}
+                "recent": {"seconds": 60.0, **_colors(self.recent)},
+                **({"direct": self.direct} if self.direct is not None else {})}
 
     def figures(self, seconds: float, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         self.asked_seconds.append(seconds)
         return {"ok": True, "started_at": self.started_at, "seconds": float(seconds),
                 "colors": _colors(self.window)}
+
+    def steer(self, color: Color) -> None:
+        if self.steer_error:
+            raise RouterError(f"router refused 'steer': {self.steer_error}", "journalctl")
+        self.steered.append(color)
 
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:

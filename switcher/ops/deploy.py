@@ -4,7 +4,9 @@ health), in DESIGN.md's order, and reconciles what a killed run left behind.
 Timeline of a switch at T0: the old color gets no new work from T0 and may finish what it
 has until T0 + drain; the new color is watched until T0 + watch while the old one keeps
 running; the old color stays the router's fallback (and on standby) until
-T0 + max(drain, watch + standby), when its retire timer stops it.
+T0 + max(drain, watch + standby), when its retire timer stops it. Direct mode: the router
+takes the new color's listener at the health gate's end, and the old color keeps no standby
+(``Environment.standby_applied``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from switcher import health, plan, state
 from switcher.errors import (
     AbortedError,
     NeedsRepairError,
+    RouterError,
     SwitchedBackError,
     SwitchError,
     UsageError,
 )
 from switcher.hooks import HOOK_IDENTIFIER
-from switcher.model import Color, Pending, Phase, State, color_name
+from switcher.model import Color, Mode, Pending, Phase, State, color_name
 from switcher.ops import builds, recovery
 from switcher.ops.outcome import Outcome
 from switcher.ops.site import SWITCH_BACK, Phases, Site, stop_here, why_not_retire
@@ -146,6 +149,7 @@ class Deployer(Site):
             started = self._start(target, the_plan.build, path, warm=the_plan.warm)
         with phases(Phase.health, limit=self.env.health.timeout):
             self._health_gate(target, started)
+            self._hand_listener(target)
         with phases(Phase.pre_switch):
             self._hook("pre_switch", target, the_plan.build, path, abort=True,
                        outcome=outcome)
@@ -227,6 +231,19 @@ class Deployer(Site):
             self.stop_quietly(target)
             raise AbortedError(f"{target} {problem}; {target} stopped, the live color still "
                                "serves", self.journal_hint(target))
+
+    def _hand_listener(self, target: Color) -> None:
+        """Direct mode: the router puts the healthy color's listener in the kernel's map now,
+        so the switch is only a map update."""
+        if self.env.mode is not Mode.direct:
+            return
+        try:
+            self.router.steer(target)
+        except RouterError as exc:
+            self.stop_quietly(target)
+            raise AbortedError(f"{target} is healthy but the router cannot steer to it: "
+                               f"{exc.message}; {target} stopped, the live color still serves",
+                               exc.hint) from None
 
     def _still_healthy_process(self, target: Color, started: dict[str, str]) -> None:
         """The process that passed the gate must be the one that gets traffic."""

@@ -7,7 +7,9 @@
      "pending": null | {"target": .., "phase": .., "deploy_id": .., "build": ..},
      "fallback": null | {"color": "blue", "until": 1790000000.0},
      "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
-                "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null},
+                "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null,
+                "mode": "tcp" | null,
+                "direct": {"families": ["ipv4"], "steering": true, …}},   (direct mode only)
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
                          "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
                          "health": "ok" | "failing: …" | "not running",
@@ -27,6 +29,9 @@ younger router): answers (responses, failures it saw, tcp connections), how many
 (5xx, refused, reset, timeout), their share (null without answers) and p95 in seconds
 (null with nothing timed); null when the router is unreachable or reports no figures.
 ``started_at``: when the router process started (its counters count from then).
+``direct``: the router's direct-mode report as its control socket gives it
+(:mod:`switcher.router.control`): the families steered and ``steering``, measured by a probe
+connection that the kernel's program counted (false: connections take the router's path).
 
 ``restart_pending``: the color runs a process started before its installed config (unit
 file, drop-ins, environment_file) last changed; its next start applies that config.
@@ -118,13 +123,24 @@ def _router(active: str, router: Router, unit: str
     except RouterError as exc:
         info["error"] = exc.message
         return info, {}
-    info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}))
+    info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}),
+                mode=reply.get("mode"))
+    if isinstance(reply.get("direct"), dict):
+        info["direct"] = reply["direct"]
     try:
         reading = routerctl.recent(reply)
     except ValueError:  # a router older than its figures
         return info, {}
     info["started_at"] = reading.started_at
     return info, {c: _recent(f, reading.seconds or 0.0) for c, f in reading.colors.items()}
+
+
+def _steering(direct: dict[str, Any]) -> str:
+    families = "/".join(f.replace("ip", "IP") for f in direct.get("families", ()))
+    if direct.get("steering"):
+        return f"the kernel steers {families} connections to the live color"
+    why = direct.get("problem") or "no live listener in the map"
+    return f"not steering ({why}): the router forwards every connection"
 
 
 def _recent(figures: Figures, seconds: float) -> dict[str, Any]:
@@ -196,6 +212,8 @@ def render_table(info: dict[str, Any]) -> list[str]:
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)") + _router_age(info))
+    if "direct" in r:
+        lines.append(f"  direct mode: {_steering(r['direct'])}")
     fallback = info.get("fallback")
     if fallback and fallback["until"] > time.time():
         left = _duration(fallback["until"] - time.time())

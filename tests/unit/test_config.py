@@ -231,3 +231,30 @@ def test_group_writable_config_or_directory_is_refused(tmp_path: Path) -> None:
         tmp_path.chmod(0o755)
     os.chown(path, 65534, 0)
     assert "not root" in str(load_error(tmp_path, GOOD))
+
+
+def direct(listen: str, host: str = "127.0.0.1") -> str:
+    return GOOD.replace("listen = 9000", f"listen = {listen}\nhost = \"{host}\"").replace(
+        "[env.production.health]", '[env.production.router]\nmode = "direct"\n\n'
+                                   "[env.production.health]")
+
+
+def test_direct_mode_keeps_no_standby(tmp_path: Path) -> None:
+    env = config.load(write(tmp_path, direct("9000"))).environment("production")
+    assert (env.mode, env.standby, env.standby_applied) == (config.Mode.direct, 600, 0)
+    assert config.load(write(tmp_path, GOOD)).environment("production").standby_applied == 600
+
+
+@pytest.mark.parametrize(("listen", "host"), [('"10.0.0.1:9000"', "127.0.0.1"),
+                                              ('"[::1]:9000"', "127.0.0.1")])
+def test_direct_mode_refuses_what_it_could_not_steer(tmp_path: Path, listen: str,
+                                                     host: str) -> None:
+    error = load_error(tmp_path, direct(listen, host))
+    assert error.key == "env.production.router.mode"
+    assert "cannot steer" in str(error) and 'mode = "tcp"' in str(error)
+
+
+@pytest.mark.parametrize("listen", ['"127.0.0.1:9000"', '"0.0.0.0:9000"', "9000"])
+def test_direct_mode_accepts_a_public_address_the_colors_accept(tmp_path: Path,
+                                                                listen: str) -> None:
+    config.load(write(tmp_path, direct(listen)))

@@ -80,3 +80,19 @@ def test_a_router_without_figures_leaves_them_null(tmp_path) -> None:
     info = status.collect(cfg, env, sd, OldRouter())
     assert info["router"]["reachable"] and info["router"]["started_at"] is None
     assert info["colors"]["blue"]["recent"] is None is info["colors"]["green"]["recent"]
+
+
+def test_direct_mode_says_whether_the_kernel_steers(tmp_path) -> None:
+    cfg = write_config(tmp_path)
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd = FakeSystemd()
+    sd.start("lc-prod.service")
+    for steering, line in ((True, "direct mode: the kernel steers IPv4 connections to the "
+                                  "live color"),
+                           (False, "direct mode: not steering (no live listener in the map): "
+                                   "the router forwards every connection")):
+        router = FakeRouter(direct={"families": ["ipv4"], "steering": steering})
+        info = status.collect(cfg, env, sd, router)
+        assert info["router"]["direct"]["steering"] is steering
+        assert f"  {line}" in status.render_table(info)
