@@ -1,0 +1,147 @@
+"""Direct mode end to end in a real systemd: the kernel hands new connections to the live
+color's own listener (the router's counters stay flat), the router takes what the kernel
+does not steer, deploys under new-connection load fail nothing, and a dead live color or
+router never refuses the port.
+
+The sandbox shares the host's network namespace: the program the router attaches steers
+this module's public port on 127.0.0.1 only (the colors' host), and dies with the router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.load import Load
+from tests.ports import port_block
+from tests.system.harness import Env, build_on, listening, wait_for
+from tests.system.sandbox import Sandbox
+from tests.system.test_http import router_status
+
+pytestmark = pytest.mark.system
+LISTEN, BLUE, GREEN = port_block(__name__, 3)
+# The old color is the fallback for max(DRAIN, WATCH) after a switch (no standby in direct
+# mode): long enough for the killed-color test to find it there.
+DRAIN, WATCH = 20, 1
+PROOF = 3000  # requests that must succeed without the router seeing one
+
+
+@pytest.fixture(scope="module")
+def env(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    e = Env(sandbox, tmp_path_factory.mktemp("direct"), "dr", "prod", LISTEN, BLUE, GREEN)
+    e.write_config(drain=DRAIN, watch=WATCH, mode="direct")
+    for name in ("A", "B"):
+        e.make_build(name)
+    e.ok("install", "prod")
+    e.ok("deploy", "prod", "A")
+    return e
+
+
+def router_connections(status: dict[str, Any]) -> int:
+    """Client connections the router itself forwarded, both colors."""
+    return sum(f["connections"] for f in status["counters"].values())
+
+
+def steered(status: dict[str, Any]) -> dict[str, int]:
+    return dict(status["direct"]["steered"])
+
+
+def test_the_kernel_steers_while_the_routers_counters_stay_flat(env: Env) -> None:
+    before = router_status(env)
+    assert before["direct"]["steering"] is True, before["direct"]
+    assert before["direct"]["families"] == ["ipv4"]
+    with Load(LISTEN, threads=2) as load:
+        load.wait_requests(PROOF, timeout=60)
+    tally = load.tally
+    after = router_status(env)
+    print(f"\ndirect: {tally.summary()}; router connections {router_connections(before)} → "
+          f"{router_connections(after)}; steered {steered(before)} → {steered(after)}")
+    assert tally.failed == 0, tally.examples
+    assert router_connections(after) == router_connections(before)
+    assert steered(after)["blue"] - steered(before)["blue"] >= tally.ok
+    assert set(tally.builds) == {"A"}
+    shown = env.ok("status", "prod")
+    assert "direct mode: the kernel steers IPv4 connections to the live color" in shown, shown
+    assert env.status_json()["router"]["direct"]["steering"] is True
+
+
+def test_negative_control_without_steering_the_router_takes_every_connection(env: Env) -> None:
+    env.write_config(drain=DRAIN, watch=WATCH, mode="tcp")
+    env.ok("install", "prod")  # a reload: the router detaches the program
+    try:
+        before = router_status(env)
+        assert "direct" not in before
+        with Load(LISTEN, threads=2) as load:
+            load.wait_requests(500, timeout=60)
+        after = router_status(env)
+        assert load.tally.failed == 0, load.tally.examples
+        assert router_connections(after) - router_connections(before) >= load.tally.ok
+    finally:
+        env.write_config(drain=DRAIN, watch=WATCH, mode="direct")
+        env.ok("install", "prod")
+    resumed = router_status(env)["direct"]
+    assert resumed["steering"] is True and resumed["selected"] == "blue", resumed
+
+
+def test_deploys_under_new_connection_load_fail_nothing(env: Env) -> None:
+    before = router_status(env)
+    with Load(LISTEN, threads=4) as load:
+        load.wait_requests(200)
+        for step in ("deploy prod B", "rollback prod", "deploy prod B"):
+            out = env.ok(*step.split())
+            assert "health" in out
+            load.wait_requests(200)
+    after = router_status(env)
+    print(f"\ndeploys: {load.tally.summary()}; router connections "
+          f"{router_connections(after) - router_connections(before)} of them")
+    assert load.tally.failed == 0, load.tally.examples
+    assert build_on(LISTEN) == "B"
+    assert after["direct"]["selected"] == "green" and after["direct"]["steering"] is True
+    assert steered(after)["green"] > steered(before)["green"]
+    assert router_connections(after) == router_connections(before)
+
+
+def main_pid(env: Env, unit: str) -> int:
+    return int(env.show(unit, "MainPID"))
+
+
+def kill(env: Env, pid: int) -> None:
+    """SIGKILL a process of the sandbox (``pid`` as its systemd knows it)."""
+    env.sandbox.run("kill", "-9", str(pid), check=True)
+
+
+def test_the_router_killed_twice_under_load_fails_nothing_and_steers_again(env: Env) -> None:
+    router = f"{env.prefix}.service"
+    with Load(LISTEN, threads=4) as load:
+        for _ in range(2):
+            load.wait_requests(200)
+            first = main_pid(env, router)
+            kill(env, first)
+            wait_for("a new router", lambda gone=first: main_pid(env, router) not in (0, gone),
+                     timeout=10)
+        load.wait_requests(200)
+    # Steered connections never passed through the router: its death cut none of them.
+    assert load.tally.failed == 0, load.tally.examples
+    direct = wait_for("steering again", lambda: router_status(env)["direct"]["steering"]
+                      and router_status(env)["direct"])
+    assert direct["selected"] == "green"
+
+
+def test_the_live_color_killed_reaches_the_fallback_through_the_router(env: Env) -> None:
+    assert build_on(LISTEN) == "B"  # green live, blue (A) the fallback for DRAIN seconds
+    old = main_pid(env, env.unit("green"))
+    kill(env, old)
+    wait_for("green's listener gone", lambda: not listening(GREEN))
+    # Not steered (the listener left the map with its process), refused by green: blue.
+    assert build_on(LISTEN) == "A"
+    assert router_status(env)["direct"]["steering"] is False
+    # No copy held green's port: systemd's restart binds it again.
+    wait_for("green restarted and listening",
+             lambda: main_pid(env, env.unit("green")) not in (0, old) and listening(GREEN))
+    wait_for("green serving through the router", lambda: build_on(LISTEN) == "B")
+    # The router takes a restarted color's new listener when it starts (a deploy's health
+    # gate end does too): steering resumes.
+    env.sandbox.systemctl("restart", f"{env.prefix}.service")
+    direct = wait_for("steering again", lambda: router_status(env)["direct"]["steering"]
+                      and router_status(env)["direct"])
+    assert direct["selected"] == "green"
