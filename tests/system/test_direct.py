@@ -46,6 +46,10 @@ def steered(status: dict[str, Any]) -> dict[str, int]:
     return dict(status["direct"]["steered"])
 
 
+def test_check_probes_what_direct_mode_needs(env: Env) -> None:
+    assert "ok       direct mode: CAP_BPF, CAP_NET_ADMIN, ptrace access" in env.ok("check", "prod")
+
+
 def test_the_kernel_steers_while_the_routers_counters_stay_flat(env: Env) -> None:
     before = router_status(env)
     assert before["direct"]["steering"] is True, before["direct"]
