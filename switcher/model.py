@@ -25,7 +25,8 @@ The router's settings file ``router.json`` (written by ``install``)::
      "header_timeout": 10.0, "idle_timeout": 75.0, "max_header_bytes": 65536,
      "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
      "control_group": "", "body_timeout": 60.0, "response_timeout": 60.0,
-     "tunnels": ["websocket"]}
+     "tunnels": ["websocket"], "metrics": "", "health_path": "/api/health",
+     "health_expect": "2xx"}
 """
 
 from __future__ import annotations
@@ -223,6 +224,10 @@ class RouterSettings:
     response_timeout: float = 60.0
     tunnels: tuple[str, ...] = ("websocket",)
     metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
+    # Direct mode: how the router probes a color restarted by systemd before it takes the new
+    # listener. health_expect is "2xx" (a class) or codes, "200,204".
+    health_path: str = ""
+    health_expect: str = "2xx"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -235,6 +240,7 @@ class RouterSettings:
             "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
             "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
             "tunnels": list(self.tunnels), "metrics": self.metrics,
+            "health_path": self.health_path, "health_expect": self.health_expect,
         }
 
     @classmethod
@@ -253,4 +259,6 @@ class RouterSettings:
             response_timeout=float(raw.get("response_timeout", 60.0)),
             tunnels=tuple(str(t) for t in raw.get("tunnels", ("websocket",))),
             metrics=str(raw.get("metrics", "")),
+            health_path=str(raw.get("health_path", "")),
+            health_expect=str(raw.get("health_expect", "2xx")),
         )

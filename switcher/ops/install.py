@@ -65,7 +65,13 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
         tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
+        health_path=env.health.path, health_expect=_expect(env.health.expect_status),
     )
+
+
+def _expect(status: str | list[int]) -> str:
+    """expect_status as router.json carries it: "2xx" or "200,204"."""
+    return status if isinstance(status, str) else ",".join(str(code) for code in status)
 
 
 def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebind: bool,

@@ -8,21 +8,28 @@
   listener among its unit's processes, put it in the map, close the copy at once
   (:mod:`.listener`). ``select(color)`` (the ``switch``): one map update.
 - a listener that closes (a crash, a restart) leaves the map by itself: its connections take
-  the router's path until a ``take`` of the new one.
+  the router's path until a ``take`` of the new one. Once a second the router looks: when the
+  live color's slot is empty and the color answers its health probe (``GET health_path``
+  on its own port), it takes the new listener.
 - shutdown: closing the link and the maps ends the steering; the kernel's normal lookup finds
   the systemd socket again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from switcher.errors import SteerError, UsageError
 from switcher.model import Color, RouterSettings
 from switcher.router import listener, steer
 from switcher.router.activation import log
+
+RETAKE_EVERY = 1.0  # seconds between looks at the live color's slot
+PROBE_TIMEOUT = 1.0  # seconds a restarted color has to answer its health probe
 
 
 class Direct:
@@ -32,6 +39,7 @@ class Direct:
         self.settings = settings
         self.steering = steering
         self.taken: dict[Color, float] = {}  # when each color's listener was put in the map
+        self.watching: asyncio.Task[None] | None = None
 
     @classmethod
     def open(cls, settings: RouterSettings, sockets: list[socket.socket]) -> Direct:
@@ -75,6 +83,26 @@ class Direct:
             log("warning", f"not steering to {live} yet: {e}; the router serves it meanwhile")
         self.select(live)
 
+    def keep_taking(self, live: Callable[[], Color | None]) -> None:
+        """From now on, re-take the live color's listener whenever it is gone from the map
+        and the color is healthy again (systemd restarted it)."""
+        self.watching = asyncio.get_running_loop().create_task(self._retake(live))
+
+    async def _retake(self, live: Callable[[], Color | None]) -> None:
+        while True:
+            await asyncio.sleep(RETAKE_EVERY)
+            color = live()
+            if color is None or self.steering.holds(color) or not self.settings.health_path:
+                continue
+            host, port = self.settings.colors[color]
+            if not await healthy(host, port, self.settings.health_path,
+                                 self.settings.health_expect):
+                continue
+            try:
+                self.take(color)
+            except SteerError as e:
+                log("warning", f"{color} answers its health probe but: {e}")
+
     def status(self) -> dict[str, Any]:
         target = self.steering.target
         family = "ipv4" if target.family == socket.AF_INET else "ipv6"
@@ -85,7 +113,33 @@ class Direct:
                 "taken_at": {c.value: t for c, t in self.taken.items()}}
 
     def close(self) -> None:
+        if self.watching is not None:
+            self.watching.cancel()
         self.steering.close()
+
+
+async def healthy(host: str, port: int, path: str, expect: str) -> bool:
+    """Whether ``GET path`` on the color answers a status ``expect`` accepts in time."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    parts = line.split()
+    return len(parts) >= 2 and parts[1].isdigit() and accepts(expect, int(parts[1]))
+
+
+def accepts(expect: str, code: int) -> bool:
+    """``expect`` is "2xx" (a class) or "200,204" (codes)."""
+    if expect.endswith("xx"):
+        return code // 100 == int(expect[0])
+    return str(code) in expect.split(",")
 
 
 def refuse_outside_direct(mode: str) -> NoReturn:

@@ -263,6 +263,7 @@ class Router:
             return
         self.direct_problem = ""
         self.direct.resume(self.view.active)
+        self.direct.keep_taking(lambda: self.view.active)
 
     def _close_direct(self) -> None:
         if self.direct is not None:

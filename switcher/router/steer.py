@@ -349,6 +349,15 @@ class Steering:
         """Steer new connections to ``color``'s listener (None: to none): one map update."""
         update(self.live, 0, struct.pack("<I", NO_SLOT if color is None else _slot(color)))
 
+    def holds(self, color: Color) -> bool:
+        """Whether ``color``'s slot holds a listener (the kernel empties it when the socket
+        closes)."""
+        try:
+            lookup(self.listeners, _slot(color), 8)  # a listener's socket cookie
+        except FileNotFoundError:
+            return False
+        return True
+
     def selected(self) -> Color | None:
         slot = struct.unpack("<I", lookup(self.live, 0, 4))[0]
         return list(Color)[slot] if slot < len(Color) else None

@@ -4,6 +4,7 @@ Each test in its own network namespace (tests/netns.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -21,15 +22,16 @@ PUBLIC, BLUE, GREEN = 20200, 20201, 20202
 SETTINGS = RouterSettings(app="app", env="test", mode=Mode.direct,
                           colors={Color.blue: ("127.0.0.1", BLUE),
                                   Color.green: ("127.0.0.1", GREEN)},
-                          control_socket="/nonexistent/control.sock")
-# A color: answers each connection with its name, until stdin closes.
+                          control_socket="/nonexistent/control.sock", health_path="/h")
+# A color: answers each connection with a 200 carrying its name, until stdin closes.
 APP = """
 import socket, sys, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
 def serve():
     while True:
-        c, _ = s.accept(); c.sendall(sys.argv[2].encode()); c.close()
+        c, _ = s.accept(); c.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\n" + sys.argv[2].encode())
+        c.close()
 threading.Thread(target=serve, daemon=True).start()
 print("up", flush=True); sys.stdin.read()
 """
@@ -80,7 +82,10 @@ def answer() -> bytes:
     """What a new connection to the public port gets: a color's name, or b"" when the public
     socket (the router's path) took it."""
     with socket.create_connection(("127.0.0.1", PUBLIC), timeout=2) as c:
-        return c.recv(16)
+        data = b""
+        while chunk := c.recv(4096):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
 
 
 def _steers_and_falls_back(units: dict[str, int]) -> list[object]:
@@ -155,3 +160,41 @@ def _unsteerable() -> str:
 
 def test_a_public_socket_the_colors_never_accept_on_is_refused(netns: Netns) -> None:
     assert 'nothing can be steered' in netns.run(_unsteerable)
+
+
+def _retaken(units: dict[str, int]) -> tuple[bool, bool, bytes]:
+    with public() as pub, color("green", GREEN) as first:
+        units["app-test@green.service"] = first.pid
+        steering = direct.Direct.open(SETTINGS, [pub])
+        try:
+            steering.take(Color.green)
+            steering.select(Color.green)
+            stop(first)  # systemd restarts it: a new process, a new listener
+            held_after_exit = steering.steering.holds(Color.green)
+            with color("green-2", GREEN) as second:
+                units["app-test@green.service"] = second.pid
+
+                async def watch() -> bool:
+                    steering.keep_taking(lambda: Color.green)
+                    for _ in range(500):
+                        if steering.steering.holds(Color.green):
+                            return True
+                        await asyncio.sleep(0.01)
+                    return False
+
+                retaken = asyncio.run(watch())
+                return held_after_exit, retaken, answer()
+        finally:
+            steering.close()
+
+
+def test_a_live_color_restarted_is_taken_again_once_healthy(
+        netns: Netns, units: dict[str, int]) -> None:
+    assert netns.run(_retaken, units) == (False, True, b"green-2")
+
+
+@pytest.mark.parametrize(("expect", "code", "ok"), [
+    ("2xx", 204, True), ("2xx", 503, False), ("200,204", 204, True), ("200,204", 201, False)])
+def test_the_probe_accepts_what_health_expect_status_does(expect: str, code: int,
+                                                          ok: bool) -> None:
+    assert direct.accepts(expect, code) is ok
