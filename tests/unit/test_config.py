@@ -258,3 +258,9 @@ def test_direct_mode_refuses_what_it_could_not_steer(tmp_path: Path, listen: str
 def test_direct_mode_accepts_a_public_address_the_colors_accept(tmp_path: Path,
                                                                 listen: str) -> None:
     config.load(write(tmp_path, direct(listen)))
+
+
+def test_the_node_example_config_loads_in_direct_mode() -> None:
+    example = Path(__file__).parents[2] / "examples/node/alive-switch.toml"
+    env = config.load(str(example), check_owner=False).environment("production")
+    assert (env.mode, env.standby_applied) == (config.Mode.direct, 0)
