@@ -254,6 +254,7 @@ class Router:
             self._close_direct()
             return
         if self.direct is not None:
+            self.direct.settings = self.settings  # a reload: color addresses, health probe
             return
         try:
             self.direct = Direct.open(self.settings, self.sockets)

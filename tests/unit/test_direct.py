@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from switcher.errors import SteerError
 from switcher.model import Color, Mode, RouterSettings
 from switcher.router import direct, listener
 from tests.netns import Netns
+from tests.routerkit import close_all, ready_router, write_settings
 
 PUBLIC, BLUE, GREEN = 20200, 20201, 20202
 SETTINGS = RouterSettings(app="app", env="test", mode=Mode.direct,
@@ -198,3 +201,30 @@ def test_a_live_color_restarted_is_taken_again_once_healthy(
 def test_the_probe_accepts_what_health_expect_status_does(expect: str, code: int,
                                                           ok: bool) -> None:
     assert direct.accepts(expect, code) is ok
+
+
+def _router_in_direct_mode(tmp: Path) -> list[Any]:
+    router = ready_router(tmp, iter([20300, 20301, 20302]), mode="direct")
+    try:
+        seen: list[Any] = [router.control({"cmd": "status"})]
+        seen.append(router.control({"cmd": "steer", "color": "green"}))
+        write_settings(router.env_dir, tmp, router.ports, mode="tcp")
+        router.control({"cmd": "reload"})
+        seen.append(router.control({"cmd": "status"}))
+        seen.append(router.control({"cmd": "steer", "color": "green"}))
+        return seen
+    finally:
+        close_all([router])
+
+
+def test_the_router_attaches_in_direct_mode_and_detaches_on_a_reload_to_tcp(
+        netns: Netns, tmp: Path) -> None:
+    direct_status, steer_missing, tcp_status, steer_refused = netns.run(
+        _router_in_direct_mode, tmp)
+    assert direct_status["mode"] == "direct"
+    assert direct_status["direct"]["families"] == ["ipv4"]
+    assert direct_status["direct"]["steering"] is False  # blue, live, runs nowhere here
+    assert not steer_missing["ok"] and "no process of app-test@green.service" in (
+        steer_missing["error"])
+    assert tcp_status["mode"] == "tcp" and "direct" not in tcp_status
+    assert not steer_refused["ok"] and "only direct mode steers" in steer_refused["error"]
