@@ -106,6 +106,9 @@ class Pending:
                    str(raw.get("build", "")))
 
 
+# A request carrying this header with the deploy's token reaches the new color between its
+# health gate and the switch (http mode); the router removes it from every request.
+PREVIEW_HEADER = "Alive-Switch-Preview"
 CANARY_BUCKETS = 10_000  # a client's hash falls in one of these; percent p takes p × 100
 
 

@@ -136,6 +136,10 @@ class Site:
     def phases(self) -> Phases:
         return Phases(self.say, self.progress)
 
+    def tell(self, event: dict[str, Any], line: str) -> None:
+        """Something with figures: ``line`` for people, ``event`` for --json."""
+        (self.progress or _SayProgress(self.say)).event(event, line)
+
     @staticmethod
     def new_deploy_id() -> str:
         return time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
@@ -275,16 +279,18 @@ class Site:
             fallback=Fallback(old, t0 + window) if old is not None else None,
             drain_until=t0 + self.env.drain, deploy_id=deploy_id)
 
-    def run_hook(self, name: str, color: Color, build: str, path: Path) -> HookRun | None:
+    def run_hook(self, name: str, color: Color, build: str, path: Path,
+                 extra: dict[str, str] | None = None) -> HookRun | None:
         """Run hook ``name`` (None when not configured) in the build directory with the
-        environment of ``color``; each line of its output goes to the terminal and the journal
-        as it comes; after ``hook_timeout`` its whole process group is killed."""
+        environment of ``color`` (and ``extra``, which never reaches the journal); each line
+        of its output goes to the terminal and the journal as it comes; after
+        ``hook_timeout`` its whole process group is killed."""
         command: str = getattr(self.env, name)
         if not command:
             return None
         env = {**os.environ, **self.env.environment, "COLOR": color.value,
                "HOST": self.env.host, "PORT": str(self.env.port(color)),
-               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
+               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name, **(extra or {})}
         fields = {"ALIVE_SWITCH_APP": self.cfg.app, "ALIVE_SWITCH_ENV": self.env.name,
                   "ALIVE_SWITCH_HOOK": name, "ALIVE_SWITCH_COLOR": color.value,
                   "ALIVE_SWITCH_BUILD": build}
