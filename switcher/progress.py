@@ -14,7 +14,8 @@ deployer has to say goes through ``say``; the CLI calls ``finished`` or ``failed
      "detail": "", "time": 1790000000.6}
     {"event": "message", "text": "blue on standby; retires in 4 s (…)"}
     {"event": "canary", "step": 1, "of": 2, "percent": 10, "color": "green",
-     "status": "started" | "passed" | "failed" | "promoted", "seconds": 30.0,
+     "status": "started" | "passed" | "failed" | "aborted" | "promoted", "seconds": 30.0,
+     "time": 1790000000.0,
      "verdict": {…} | null, "figures": {"green": {…}, "blue": {…}} | null}
     {"event": "outcome", "kind": "deploy", "ok": true, "exit_code": 0, "target": "green",
      "build": "b2", "message": "b2 is live on green", "phases": {"health": 0.61, …},

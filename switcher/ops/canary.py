@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from switcher import state
 from switcher.errors import RouterError
 from switcher.model import Canary, Color, Pending, Phase, State
-from switcher.ops.site import Site
+from switcher.ops.site import Site, stop_here
 from switcher.ops.traffic import Traffic
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ class Steps:
             return Ending(How.failed, number, percent, f"the router refused the canary: "
                           f"{exc.message}")
         self._tell(number, percent, "started")
+        stop_here("canary_step")  # test-only: a CLI killed mid-step, the split in place
         ending = self._hold(number, percent)
         if ending is not None:
             return ending
@@ -196,7 +197,7 @@ class Steps:
         figures = self.traffic.to_json().get("colors")
         record = {"event": "canary", "step": number, "of": len(self.steps),
                   "percent": percent, "color": self.target.value, "status": str(status),
-                  "seconds": self.step_seconds,
+                  "seconds": self.step_seconds, "time": round(time.time(), 3),
                   "verdict": self.traffic.verdict.to_json() if self.traffic.verdict else None,
                   "figures": figures}
         if status != "started":

@@ -59,7 +59,8 @@ class Clock:
 def stop_here(point: str) -> None:
     """Test-only fault injection: with ``ALIVE_SWITCH_TEST_STOP_AT=<point>`` the CLI freezes
     (SIGSTOP) there, so a test can SIGKILL it or let it go on (SIGCONT) at a chosen moment.
-    The points are the deploy phases and ``retire`` (a retire holding the lock)."""
+    The points are the deploy phases, ``canary_step`` (a canary step's split in place) and
+    ``retire`` (a retire holding the lock)."""
     if os.environ.get(STOP_AT_VAR) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 
