@@ -307,3 +307,22 @@ def wait_for(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--canary", "50,25"], "--canary 50,25 --step-seconds 0.3: steps [50, 25] do not increase"),
+    (["--canary", "5,x"], "'5,x' is not a list of whole percents such as 5,25,50"),
+    (["--canary", "10", "--step-seconds", "0"], "step_seconds 0 is not above 0"),
+])
+def test_cli_canary_options_are_checked_before_anything_changes(
+        world, capsys: pytest.CaptureFixture[str], argv: list[str], says: str) -> None:
+    from switcher import cli
+
+    d, _, router, _ = world
+    before = d.load_state()
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--config", str(d.env_dir.parent.parent / "c.toml"), "deploy", "prod",
+                  "b2", *argv])
+    assert caught.value.code == 2
+    assert says in capsys.readouterr().err
+    assert d.load_state() == before and not router.canaries
