@@ -23,6 +23,7 @@ from switcher.model import Canary, Color, State
 from switcher.router.split import Split
 from tests.ports import port_block
 from tests.routerkit import Router, blue_live, close_all, ready_router, wait_for
+from tests.unit.test_metrics import ask, value
 from tests.unit.test_router import EchoColor, greeting
 from tests.unit.test_router_http import Client, Color_
 
@@ -255,6 +256,20 @@ def test_the_status_line_says_the_share(router: Callable[..., Router]) -> None:
     r.notified(lambda m: "canary 25% of clients on green (step 1)" in m)
 
 
+def test_the_canary_percent_metric_follows_the_share(router: Callable[..., Router]) -> None:
+    metrics_port = next(_ports)
+    r = router(metrics=f"127.0.0.1:{metrics_port}")
+
+    def percent() -> float:
+        text = ask(metrics_port, b"GET /metrics HTTP/1.0\r\n\r\n").partition(b"\r\n\r\n")[2]
+        return value(text.decode(), "alive_switch_canary_percent", env="test")
+    assert percent() == 0
+    ok(r, canary(25))
+    assert percent() == 25
+    ok(r, {"cmd": "canary", "canary": None})
+    assert percent() == 0
+
+
 # -- preview -----------------------------------------------------------------------------------
 
 PREVIEW = f"Alive-Switch-Preview: {TOKEN}\r\n"
@@ -420,3 +435,32 @@ def test_tcp_pause_stops_accepting_and_resume_serves_the_queue(
     with socket.create_connection(("127.0.0.1", r.port), timeout=5) as sock:
         assert greeting(sock) == "blue"
     assert r.control({"cmd": "status"})["paused"] is None
+
+
+def test_a_request_in_flight_finishes_during_a_pause(router: Callable[..., Router]) -> None:
+    r = router()
+    with Client(r.port) as c:
+        c.send(b"GET /slow?s=0.5 HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_for(lambda: r.control({"cmd": "status"})["inflight"]["blue"] == 1,
+                 what="the request in flight")
+        ok(r, {"cmd": "pause", "max_wait": 30})
+        assert c.response().status == 200  # answered while paused
+        c.send(GET)  # the next one is held
+        wait_for(lambda: held(r) == 1, what="the next request held")
+        ok(r, {"cmd": "resume"})
+        assert c.response().status == 200
+
+
+def test_a_tcp_pause_outlives_a_router_restart(router: Callable[..., Router]) -> None:
+    r = router(mode="tcp")
+    until = ok(r, {"cmd": "pause", "max_wait": 30})["paused_until"]
+    r.close()
+    again = router(mode="tcp")
+    assert again.control({"cmd": "status"})["paused"] == {"until": until, "held": 0}
+    with socket.create_connection(("127.0.0.1", again.port), timeout=5) as sock:
+        sock.settimeout(0.3)  # queued in the backlog: the new router accepts nothing yet
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+        sock.settimeout(5)
+        ok(again, {"cmd": "resume"})
+        assert greeting(sock) == "blue"
