@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from switcher.model import Canary, Color, State
+from switcher.router.control import dispatch
 from switcher.router.split import Split
 from tests.ports import port_block
 from tests.routerkit import Router, blue_live, close_all, ready_router, wait_for
@@ -464,3 +465,20 @@ def test_a_tcp_pause_outlives_a_router_restart(router: Callable[..., Router]) ->
         sock.settimeout(5)
         ok(again, {"cmd": "resume"})
         assert greeting(sock) == "blue"
+
+
+class Failing:
+    """Commands whose preview fails inside the router (the internal-error path)."""
+
+    def set_preview(self, color: Color | None, token: str) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+
+def test_a_failing_preview_request_is_logged_without_its_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    line = json.dumps({"cmd": "preview", "color": "green", "token": TOKEN}).encode()
+    answer = dispatch(Failing(), line)  # type: ignore[arg-type]
+    logged = capsys.readouterr().err
+    assert answer["ok"] is False and "boom" in answer["error"]
+    assert "'preview'" in logged and "boom" in logged  # it was logged ...
+    assert TOKEN not in logged and TOKEN not in json.dumps(answer)  # ... without the token
