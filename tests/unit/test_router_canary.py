@@ -482,3 +482,17 @@ def test_a_failing_preview_request_is_logged_without_its_line(
     assert answer["ok"] is False and "boom" in answer["error"]
     assert "'preview'" in logged and "boom" in logged  # it was logged ...
     assert TOKEN not in logged and TOKEN not in json.dumps(answer)  # ... without the token
+
+
+def test_the_hold_counts_in_no_timeout_nor_the_colors_duration(
+        router: Callable[..., Router]) -> None:
+    r = router(response_timeout=0.5)
+    ok(r, {"cmd": "pause", "max_wait": 30})
+    with Client(r.port) as c:
+        c.send(GET)
+        wait_for(lambda: held(r) == 1, what="a held request")
+        time.sleep(1.5)  # the point: held for longer than response_timeout
+        ok(r, {"cmd": "resume"})
+        assert c.response().status == 200
+    duration = r.control({"cmd": "status"})["counters"]["blue"]["duration"]
+    assert sum(duration["counts"]) == 1 and duration["sum"] < 0.5, duration

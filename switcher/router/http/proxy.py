@@ -312,8 +312,13 @@ class Conn(RequestReader, asyncio.Protocol):
         self.waiting = False
         if self.closing or not self.queue:
             return
+        req = self.queue[0]
         if expired:
-            self.queue[0].canned = PAUSED
+            req.canned = PAUSED
+        else:
+            # Its timeouts and its duration run from now: a pause longer than
+            # response_timeout must not turn into a 504, nor count as the color's slowness.
+            req.began = self.since = _now()
         self._pump()
 
     def _steer(self, req: Request) -> Backend | None:
