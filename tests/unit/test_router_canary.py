@@ -23,7 +23,7 @@ from switcher.model import Canary, Color, State
 from switcher.router.control import dispatch
 from switcher.router.split import Split
 from tests.ports import port_block
-from tests.routerkit import Router, blue_live, close_all, ready_router, wait_for
+from tests.routerkit import Router, blue_live, close_all, ready_router, wait_for, write_settings
 from tests.unit.test_metrics import ask, value
 from tests.unit.test_router import EchoColor, greeting
 from tests.unit.test_router_http import Client, Color_
@@ -496,3 +496,27 @@ def test_the_hold_counts_in_no_timeout_nor_the_colors_duration(
         assert c.response().status == 200
     duration = r.control({"cmd": "status"})["counters"]["blue"]["duration"]
     assert sum(duration["counts"]) == 1 and duration["sum"] < 0.5, duration
+
+
+def test_a_canary_or_preview_on_a_color_without_an_address_is_refused(
+        router: Callable[..., Router], tmp: Path) -> None:
+    r = router()
+    write_settings(r.env_dir, tmp, {Color.blue: r.ports[Color.blue]}, mode="http")
+    ok(r, {"cmd": "reload"})
+    assert "no address" in refused(r, canary(10))
+    assert "no address" in refused(r, {"cmd": "preview", "color": "green", "token": TOKEN})
+    assert r.control({"cmd": "status"})["canary"] is None
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"until": "soon"}', "past"])
+def test_an_unreadable_or_past_pause_file_is_removed_and_nothing_is_paused(
+        router: Callable[..., Router], tmp: Path, content: str) -> None:
+    env_dir = tmp / "state" / "app-test"
+    env_dir.mkdir(parents=True)
+    pause = env_dir / "pause.json"
+    pause.write_text(json.dumps({"until": time.time() - 1}) if content == "past" else content)
+    r = router()
+    assert r.control({"cmd": "status"})["paused"] is None
+    assert not pause.exists()
+    with Client(r.port) as c:
+        assert c.get("/").status == 200
