@@ -59,7 +59,8 @@ class Clock:
 def stop_here(point: str) -> None:
     """Test-only fault injection: with ``ALIVE_SWITCH_TEST_STOP_AT=<point>`` the CLI freezes
     (SIGSTOP) there, so a test can SIGKILL it or let it go on (SIGCONT) at a chosen moment.
-    The points are the deploy phases and ``retire`` (a retire holding the lock)."""
+    The points are the deploy phases, ``canary_step`` (a canary step's split in place) and
+    ``retire`` (a retire holding the lock)."""
     if os.environ.get(STOP_AT_VAR) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 
@@ -135,6 +136,10 @@ class Site:
 
     def phases(self) -> Phases:
         return Phases(self.say, self.progress)
+
+    def tell(self, event: dict[str, Any], line: str) -> None:
+        """Something with figures: ``line`` for people, ``event`` for --json."""
+        (self.progress or _SayProgress(self.say)).event(event, line)
 
     @staticmethod
     def new_deploy_id() -> str:
@@ -276,16 +281,18 @@ class Site:
             fallback=Fallback(old, t0 + window) if old is not None else None,
             drain_until=t0 + self.env.drain, deploy_id=deploy_id)
 
-    def run_hook(self, name: str, color: Color, build: str, path: Path) -> HookRun | None:
+    def run_hook(self, name: str, color: Color, build: str, path: Path,
+                 extra: dict[str, str] | None = None) -> HookRun | None:
         """Run hook ``name`` (None when not configured) in the build directory with the
-        environment of ``color``; each line of its output goes to the terminal and the journal
-        as it comes; after ``hook_timeout`` its whole process group is killed."""
+        environment of ``color`` (and ``extra``, which never reaches the journal); each line
+        of its output goes to the terminal and the journal as it comes; after
+        ``hook_timeout`` its whole process group is killed."""
         command: str = getattr(self.env, name)
         if not command:
             return None
         env = {**os.environ, **self.env.environment, "COLOR": color.value,
                "HOST": self.env.host, "PORT": str(self.env.port(color)),
-               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
+               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name, **(extra or {})}
         fields = {"ALIVE_SWITCH_APP": self.cfg.app, "ALIVE_SWITCH_ENV": self.env.name,
                   "ALIVE_SWITCH_HOOK": name, "ALIVE_SWITCH_COLOR": color.value,
                   "ALIVE_SWITCH_BUILD": build}

@@ -86,3 +86,16 @@ def test_no_figures_no_rows() -> None:
     lines = status.render_table(info())
     assert not any(line.split()[0] in ("answers/s", "p95") for line in lines)
     assert lines[1] == "  router: active, serving blue"
+
+
+def test_a_canary_and_a_pause_are_shown() -> None:
+    router = {**info()["router"], "paused": {"until": time.time() + 20.2, "held": 7}}
+    lines = status.render_table(info(
+        canary={"color": "green", "percent": 10, "step": 1},
+        pending={"target": "green", "phase": "start", "deploy_id": "d", "build": "b2"},
+        router=router))
+    assert ("  canary: 10 % of clients on green (step 1); if no deploy runs it any more, the "
+            "next command sends them back") in lines
+    assert not any("interrupted" in line for line in lines), "a canary says what it is"
+    assert "  paused: 7 requests held until alive-switch resume production, at most 20 s more" \
+        in lines
