@@ -591,8 +591,17 @@ def _validate_enums(path: str, key: str, env: Environment) -> None:
                               "allow CONNECT (h2c never: it would bypass every request rule)")
 
 
+DIRECT_NO_CANARY = ("direct mode cannot send a share of clients to the new color (the "
+                    "kernel steers every new connection to one listener)")
+DIRECT_NO_CANARY_FIX = 'use mode = "http" or "tcp" for canary steps, or deploy without them'
+
+
 def _validate_direct(path: str, key: str, env: Environment) -> None:
-    """The kernel can steer only connections the colors' own listeners would accept."""
+    """The kernel can steer only connections the colors' own listeners would accept; and
+    it steers all of them to one color, so no canary."""
+    if env.canary.steps:
+        raise ConfigError(path, f"{key}.canary.steps", f"{env.canary.steps!r}: "
+                          f"{DIRECT_NO_CANARY}", DIRECT_NO_CANARY_FIX)
     public = env.listen_address.rpartition(":")[0] if ":" in env.listen_address else ""
     if steered_address(public, env.host) is None:
         raise ConfigError(path, f"{key}.router.mode", f"direct mode cannot steer connections "

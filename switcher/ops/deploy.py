@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from switcher import health, plan, state
-from switcher.config import Canary
+from switcher.config import DIRECT_NO_CANARY, DIRECT_NO_CANARY_FIX, Canary
 from switcher.errors import (
     AbortedError,
     NeedsRepairError,
@@ -63,6 +63,9 @@ class Deployer(Site):
         chosen = steps or self.env.canary
         if not chosen.steps or the_plan.noop:
             return the_plan
+        if self.env.mode is Mode.direct:
+            raise UsageError(f"--canary: env.{self.env.name}.router.mode = \"direct\": "
+                             f"{DIRECT_NO_CANARY}; nothing was changed", DIRECT_NO_CANARY_FIX)
         if the_plan.old is None:
             self.say("no canary: this is the first deploy, no old color serves clients")
             return the_plan

@@ -74,14 +74,14 @@ class Direct:
         self.steering.select(color)
 
     def resume(self, live: Color | None) -> None:
-        """After a (re)start: steer to the live color again if its listener is there."""
+        """After a (re)start: take the live color's listener again if it is there (the
+        caller selects it)."""
         if live is None:
             return
         try:
             self.take(live)
         except SteerError as e:
             log("warning", f"not steering to {live} yet: {e}; the router serves it meanwhile")
-        self.select(live)
 
     def keep_taking(self, live: Callable[[], Color | None]) -> None:
         """From now on, re-take the live color's listener whenever it is gone from the map

@@ -67,6 +67,9 @@ from switcher.router.metrics import ColorMetrics, Metrics, MetricsServer
 from switcher.router.routes import Routes
 from switcher.router.tally import RECENT_SECONDS, RING_SECONDS, Snapshot, figures_json
 
+# Modes whose pause stops accepting (new connections wait in the backlog): http holds
+# requests instead; direct mode also stops steering.
+STOPS_ACCEPTING = (Mode.tcp, Mode.direct)
 STATUS_EVERY = 1.0  # seconds between STATUS= checks (each update costs PID 1 ~0.1 ms)
 PAUSE_FILE = "pause.json"  # the one file the router writes (see the module docstring)
 
@@ -179,7 +182,7 @@ class Router:
         _raise_nofile_limit()
         listening = ", ".join(_address(s) for s in self.sockets)
         self._restore_pause()
-        if not (self.paused_until is not None and self.settings.mode is Mode.tcp):
+        if not (self.paused_until is not None and self.settings.mode in STOPS_ACCEPTING):
             await self._accept()
         try:
             self.control = await open_control(self.settings.control_socket,
@@ -296,7 +299,14 @@ class Router:
             return
         self.direct_problem = ""
         self.direct.resume(self.view.active)
+        self._steer_to(self.view.active)
         self.direct.keep_taking(lambda: self.view.active)
+
+    def _steer_to(self, color: Color | None) -> None:
+        """Direct mode: steer new connections to ``color`` — to nobody while paused, so
+        they wait in the public socket's backlog like tcp mode's."""
+        if self.direct is not None:
+            self.direct.select(None if self.paused_until is not None else color)
 
     def _close_direct(self) -> None:
         if self.direct is not None:
@@ -380,8 +390,7 @@ class Router:
         # In effect from here on: every new connection (tcp) and request (http) reads
         # routes.live.
         before = self.routes.switch(target, fallback, drain_until, builds)
-        if self.direct is not None:
-            self.direct.select(target)  # one map update: new connections go to target now
+        self._steer_to(target)  # direct mode: one map update, new connections go to target
         self.switched_at = time.time()
         log("notice", f"switched {before or 'nothing'} → {target}: {self.status_line()}")
         return {"ok": True, "serving": target.value, "previous": _name(before),
@@ -402,6 +411,10 @@ class Router:
         return {"ok": True, "fallback": _fallback_json(fallback)}
 
     def set_canary(self, canary: Canary | None) -> dict[str, Any]:
+        if canary is not None and self.settings.mode is Mode.direct:
+            raise UsageError("canary: in direct mode the kernel steers every new connection "
+                             "to one listener; no share of clients can be split off",
+                             'use mode = "http" or "tcp" for canary steps')
         self.routes.set_canary(canary)
         log("notice", f"canary: {self._canary_text() or 'none, every client to the live color'}")
         return {"ok": True, "canary": canary_json(canary)}
@@ -440,8 +453,9 @@ class Router:
     def _pause_until(self, until: float) -> None:
         self.paused_until = until
         self.routes.pause()
-        if self.settings.mode is Mode.tcp:
+        if self.settings.mode in STOPS_ACCEPTING:
             self._stop_accepting()
+        self._steer_to(None)
         self.pause_timer = self.loop.call_later(max(until - time.time(), 0.0),
                                                 self._pause_over)
 
@@ -456,6 +470,7 @@ class Router:
             self.pause_timer = None
         self.paused_until = None
         self._forget_pause()
+        self._steer_to(self.view.active)
         if not self.servers and not self.stopping:
             self.loop.create_task(self._accept())
         return self.routes.resume(expired)

@@ -264,3 +264,10 @@ def test_the_node_example_config_loads_in_direct_mode() -> None:
     example = Path(__file__).parents[2] / "examples/node/alive-switch.toml"
     env = config.load(str(example), check_owner=False).environment("production")
     assert (env.mode, env.standby_applied) == (config.Mode.direct, 0)
+
+
+def test_direct_mode_refuses_canary_steps_naming_the_modes_that_have_them(tmp_path: Path) -> None:
+    text = direct("9000") + "\n[env.production.canary]\nsteps = [5, 50]\n"
+    error = load_error(tmp_path, text)
+    assert error.key == "env.production.canary.steps"
+    assert 'mode = "http" or "tcp"' in str(error)

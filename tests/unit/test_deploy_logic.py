@@ -558,3 +558,12 @@ def test_tcp_mode_never_asks_the_router_to_steer(world) -> None:
     d, _, router, _ = world
     d.deploy("b1", force=False, dry_run=False)
     assert router.steered == []
+
+
+def test_direct_mode_refuses_a_canary_on_the_command_line(tmp_path: Path) -> None:
+    d, _, router, _ = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    with pytest.raises(UsageError, match=r'--canary: .*"direct": direct mode cannot') as caught:
+        d.deploy("b2", force=False, dry_run=False, steps=config.Canary(steps=[5]))
+    assert 'mode = "http" or "tcp"' in caught.value.hint
+    assert router.switches == [Color.blue]

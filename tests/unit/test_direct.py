@@ -125,6 +125,7 @@ def _resume(units: dict[str, int]) -> tuple[bytes, dict[str, object]]:
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
             steering.resume(Color.blue)  # what a (re)started router does for the live color
+            steering.select(Color.blue)
             return answer(), steering.status()
         finally:
             steering.close()
@@ -208,6 +209,12 @@ def _router_in_direct_mode(tmp: Path) -> list[Any]:
     try:
         seen: list[Any] = [router.control({"cmd": "status"})]
         seen.append(router.control({"cmd": "steer", "color": "green"}))
+        router.control({"cmd": "pause", "max_wait": 30})
+        seen.append(router.control({"cmd": "status"})["direct"]["selected"])
+        router.control({"cmd": "resume"})
+        seen.append(router.control({"cmd": "status"})["direct"]["selected"])
+        seen.append(router.control({"cmd": "canary", "canary": {
+            "color": "green", "percent": 10, "step": 1, "seed": "x"}}))
         write_settings(router.env_dir, tmp, router.ports, mode="tcp")
         router.control({"cmd": "reload"})
         seen.append(router.control({"cmd": "status"}))
@@ -219,12 +226,14 @@ def _router_in_direct_mode(tmp: Path) -> list[Any]:
 
 def test_the_router_attaches_in_direct_mode_and_detaches_on_a_reload_to_tcp(
         netns: Netns, tmp: Path) -> None:
-    direct_status, steer_missing, tcp_status, steer_refused = netns.run(
-        _router_in_direct_mode, tmp)
+    (direct_status, steer_missing, paused, resumed, canary, tcp_status,
+     steer_refused) = netns.run(_router_in_direct_mode, tmp)
     assert direct_status["mode"] == "direct"
     assert direct_status["direct"]["families"] == ["ipv4"]
     assert direct_status["direct"]["steering"] is False  # blue, live, runs nowhere here
     assert not steer_missing["ok"] and "no process of app-test@green.service" in (
         steer_missing["error"])
+    assert (paused, resumed) == (None, "blue"), "no steering while paused"
+    assert not canary["ok"] and "direct mode" in canary["error"]
     assert tcp_status["mode"] == "tcp" and "direct" not in tcp_status
     assert not steer_refused["ok"] and "only direct mode steers" in steer_refused["error"]
