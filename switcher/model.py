@@ -224,6 +224,9 @@ class State:
         )
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def steered_address(public_host: str, color_host: str) -> tuple[int, str | None] | None:
     """Direct mode: (IP version, local address or None for any) of the connections to the
     public socket that may be steered to colors bound to ``color_host`` — only those the
@@ -238,7 +241,8 @@ def steered_address(public_host: str, color_host: str) -> tuple[int, str | None]
     return (color.version, str(public)) if public.version == color.version else None
 
 
-def _any(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> object:
+def _any(address: IPAddress) -> IPAddress:
+    """The wildcard address of ``address``'s family."""
     return ipaddress.ip_address("0.0.0.0" if address.version == 4 else "::")
 
 

@@ -288,8 +288,9 @@ class Router:
         if self.settings.mode is not Mode.direct:
             self._close_direct()
             return
-        if self.direct is not None:
-            self.direct.settings = self.settings  # a reload: color addresses, health probe
+        if self.direct is not None:  # a reload: color addresses, health probe, the view
+            self.direct.settings = self.settings
+            self._steer_to(self.view.active)
             return
         try:
             self.direct = Direct.open(self.settings, self.sockets)
