@@ -260,10 +260,12 @@ def test_direct_mode_accepts_a_public_address_the_colors_accept(tmp_path: Path,
     config.load(write(tmp_path, direct(listen)))
 
 
-def test_the_node_example_config_loads_in_direct_mode() -> None:
-    example = Path(__file__).parents[2] / "examples/node/alive-switch.toml"
+@pytest.mark.parametrize("stack", ["node", "gunicorn", "uvicorn"])
+def test_the_app_examples_load_in_direct_mode_with_time_to_shut_down(stack: str) -> None:
+    example = Path(__file__).parents[2] / f"examples/{stack}/alive-switch.toml"
     env = config.load(str(example), check_owner=False).environment("production")
     assert (env.mode, env.standby_applied) == (config.Mode.direct, 0)
+    assert env.unit.stop_timeout == 30 and env.router.backlog == 4096
 
 
 def test_direct_mode_refuses_canary_steps_naming_the_modes_that_have_them(tmp_path: Path) -> None:
