@@ -8,6 +8,8 @@ this module's public port on 127.0.0.1 only (the colors' host), and dies with th
 
 from __future__ import annotations
 
+import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -154,16 +156,21 @@ def test_the_live_color_killed_reaches_the_fallback_through_the_router(env: Env)
     assert build_on(LISTEN) == "B"
 
 
-def test_node_deploys_and_rollbacks_under_new_connection_load_fail_nothing(
-        env: Env, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """examples/node/server.js, whose SIGTERM handler is the drain (server.close())."""
-    node = Env(env.sandbox, tmp_path_factory.mktemp("node"), "dn", "prod", NODE_LISTEN,
-               NODE_BLUE, NODE_GREEN)
-    node.write_config(drain=1, watch=1, mode="direct", command=f"{NODE} {NODE_APP}")
+@pytest.fixture(scope="module")
+def node(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    """examples/node/server.js, whose SIGTERM handler is the drain (server.close()), in
+    the same sandbox as ``env`` (its own app name and ports)."""
+    e = Env(env.sandbox, tmp_path_factory.mktemp("node"), "dn", "prod", NODE_LISTEN,
+            NODE_BLUE, NODE_GREEN)
+    e.write_config(drain=1, watch=1, mode="direct", command=f"{NODE} {NODE_APP}")
     for name in ("N1", "N2"):
-        node.make_build(name)
-    node.ok("install", "prod")
-    node.ok("deploy", "prod", "N1")
+        e.make_build(name)
+    e.ok("install", "prod")
+    e.ok("deploy", "prod", "N1")
+    return e
+
+
+def test_node_deploys_and_rollbacks_under_new_connection_load_fail_nothing(node: Env) -> None:
     with Load(NODE_LISTEN, threads=4) as load:
         load.wait_requests(200)
         for step in ("deploy prod N2", "rollback prod", "rollback prod", "rollback prod"):
@@ -173,3 +180,27 @@ def test_node_deploys_and_rollbacks_under_new_connection_load_fail_nothing(
     assert load.tally.failed == 0, load.tally.examples
     assert get(NODE_LISTEN)[1]["build"] == "N1"
     assert router_status(node)["direct"]["steering"] is True
+
+
+def test_node_under_keep_alive_load_across_a_switch_prints_what_wrk_counts(node: Env) -> None:
+    """Keep-alive connections stay with the color they opened on until its app closes them
+    (server.js: Connection: close after SIGTERM, idle ones closed). wrk never retries, so
+    what it counts is printed, the trade README's direct-mode section states."""
+    wrk = subprocess.Popen(["wrk", "-t1", "-c8", "-d6s", "--timeout", "2s",
+                            f"http://127.0.0.1:{NODE_LISTEN}/"], stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        node.ok("deploy", "prod", "N2")
+        out, _ = wrk.communicate(timeout=30)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+            wrk.communicate()
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Socket errors: .*", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    print(f"\nwrk keep-alive across a direct-mode switch (node): {requests} requests; "
+          f"{errors.group(0) if errors else 'no socket errors'}; "
+          f"non-2xx {non2xx.group(1) if non2xx else 0}")
+    assert requests > 1000
+    assert get(NODE_LISTEN)[1]["build"] == "N2"
