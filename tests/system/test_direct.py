@@ -1,7 +1,8 @@
 """Direct mode end to end in a real systemd: the kernel hands new connections to the live
 color's own listener (the router's counters stay flat), the router takes what the kernel
-does not steer, deploys under new-connection load fail nothing, and a dead live color or
-router never refuses the port.
+does not steer, deploys under new-connection load fail nothing (the sample app and the
+Node.js example), a dead live color or router never refuses the port, and after a reboot
+the router steers again.
 
 The sandbox shares the host's network namespace: the program the router attaches steers
 this module's public port on 127.0.0.1 only (the colors' host), and dies with the router."""
@@ -204,3 +205,15 @@ def test_node_under_keep_alive_load_across_a_switch_prints_what_wrk_counts(node:
           f"non-2xx {non2xx.group(1) if non2xx else 0}")
     assert requests > 1000
     assert get(NODE_LISTEN)[1]["build"] == "N2"
+
+
+def test_after_a_reboot_the_socket_listens_and_the_router_steers_again(env: Env) -> None:
+    live = env.status_json()["live"]
+    env.sandbox.reboot()  # the program died with the old router: nothing was pinned
+    wait_for("socket after reboot", lambda: listening(LISTEN))
+    wait_for("served after reboot", lambda: build_on(LISTEN) == "B")
+    # The router may start before the live color listens: it takes the listener once the
+    # color answers its health probe.
+    direct = wait_for("steering after reboot", lambda: router_status(env)["direct"]["steering"]
+                      and router_status(env)["direct"], timeout=20)
+    assert direct["selected"] == live
