@@ -254,7 +254,9 @@ class Site:
                        f"up until `alive-switch retire {self.env.name} {old.value}`")
             self.say(f"warning: {warning}")
             return warning
-        self.say(f"{old} on standby; retires in {delay:.0f} s ({name}.timer)")
+        waits = "finishes its work (direct mode: no standby)" if self.env.mode is Mode.direct \
+            else "on standby"
+        self.say(f"{old} {waits}; retires in {delay:.0f} s ({name}.timer)")
         return ""
 
     def move_boot_enable(self, target: Color) -> None:
