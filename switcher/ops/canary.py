@@ -132,11 +132,13 @@ class Steps:
         return Ending(How.passed, len(self.steps), self.steps[-1])
 
     def undo(self, ending: Ending) -> State:
-        """Every client back on the old color at once, then the target stopped and the
-        state without the canary (the router first: clients must not wait for systemd)."""
+        """Every client back on the old color at once, then, once what it has in flight is
+        done, the target stopped and the state without the canary (the router first:
+        clients must not wait for systemd)."""
         site = self.site
         with contextlib.suppress(RouterError):
             site.router.set_canary(None)
+        site.drain_color(self.target)
         site.stop_quietly(self.target)
         back = site.undo_link(self.before.with_(pending=None, canary=None), self.target)
         state.save_state(site.env_dir, back)

@@ -50,6 +50,8 @@ def _end_canary(site: Site, current: State) -> State:
     follows stops its color (its intent is not past the switch)."""
     site.router.set_canary(None)
     left = current.canary
+    if left is not None:
+        site.drain_color(left.color)
     what = (f"a canary of {left.color} ({left.percent} % of clients, step {left.step})"
             if left else "the router's canary split")
     site.say(f"reconcile: {what} was left by an interrupted deploy: every client is back "

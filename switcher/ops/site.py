@@ -46,6 +46,8 @@ RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback windo
 # margin covers that kill, the CLI's own start and its state write.
 RETIRE_LOCK_MARGIN = 10.0
 Say = Callable[[str], None]
+DRAIN_POLL = 0.05  # seconds between looks at a draining color's in-flight count
+DRAIN_POLL_TIMEOUT = 1.0  # per look: a hung router must not stall the drain
 
 
 @dataclass
@@ -300,6 +302,20 @@ class Site:
                   "ALIVE_SWITCH_BUILD": build}
         return hooks.run(name, command, cwd=path, env=env, timeout=self.env.hook_timeout,
                          fields=fields, say=self.say)
+
+    def drain_color(self, color: Color) -> None:
+        """Once the router sends ``color`` nothing new: wait (at most ``drain`` s) until it
+        has nothing in flight there. A connection the router already gave the color may
+        still sit in the app's accept queue, and a stopping app resets those."""
+        deadline = self.clock.now() + self.env.drain
+        while self.clock.now() < deadline:
+            try:
+                inflight = self.router.status(DRAIN_POLL_TIMEOUT).get("inflight", {})
+            except SwitchError:
+                return  # a router that does not answer has nothing in flight to wait for
+            if not inflight.get(color.value):
+                return
+            self.clock.sleep(DRAIN_POLL)
 
     def stop_quietly(self, color: Color) -> None:
         with contextlib.suppress(SwitchError):

@@ -184,13 +184,15 @@ class Routes:
         self.view = replace(self.view, canary=canary)
         self.split = self._split(canary)
         self._plain()
-        self._after_change()
+        # No cut: what a withdrawn canary color has in flight finishes there (the CLI waits
+        # for it before stopping the color); a drain's cut is a switch's business.
+        self._leave_idle()
 
     def set_preview(self, color: Color | None, token: str) -> None:
         self.preview = None if color is None else Preview(token, self.other_color(color,
                                                                                   "preview"))
         self._plain()
-        self._after_change()
+        self._leave_idle()
 
     def pause(self) -> None:
         """Hold every http request whose turn comes from now on (tcp: the router stops
@@ -243,9 +245,12 @@ class Routes:
         self._after_change()
 
     def _after_change(self) -> None:
+        self._leave_idle()
+        self.schedule_cut()
+
+    def _leave_idle(self) -> None:
         for conn in list(self.conns):
             conn.leave_idle(self)
-        self.schedule_cut()
 
     def inflight(self, color: Color) -> int:
         return self.backends[color].inflight

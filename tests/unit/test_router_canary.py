@@ -210,6 +210,24 @@ def test_canary_null_sends_everyone_back_at_once(router: Callable[..., Router]) 
     assert r.control({"cmd": "status"})["canary"] is None
 
 
+def test_a_withdrawn_canarys_request_in_flight_finishes_on_its_color(
+        router: Callable[..., Router]) -> None:
+    # A drain long over (its drain_until in the past): withdrawing the canary must not
+    # count as that drain's cut (it did: the request in flight on green came back cut).
+    r = router(State(active=Color.blue, drain_until=time.time() - 100),
+               trusted_proxies=("127.0.0.1",))
+    ok(r, canary(50))
+    green = next(h for h in HOPS if h in predicted(50, HOPS))
+    with Client(r.port) as c:
+        c.send(f"GET /slow?s=0.5 HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: {green}\r\n"
+               "\r\n".encode())
+        wait_for(lambda: r.control({"cmd": "status"})["inflight"]["green"] == 1,
+                 what="the request in flight on green")
+        ok(r, {"cmd": "canary", "canary": None})
+        answer = c.response()
+        assert answer.status == 200 and answer.color == "green"
+
+
 def test_a_switch_ends_the_canary(router: Callable[..., Router]) -> None:
     r = router(trusted_proxies=("127.0.0.1",))
     ok(r, canary(50))
