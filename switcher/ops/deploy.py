@@ -32,7 +32,7 @@ from switcher.model import PREVIEW_HEADER, Color, Mode, Pending, Phase, State, c
 from switcher.ops import builds, canary, recovery
 from switcher.ops.outcome import Outcome
 from switcher.ops.site import SWITCH_BACK, Phases, Site, stop_here, why_not_retire
-from switcher.ops.traffic import Traffic
+from switcher.ops.traffic import DIRECT_NOTE, Traffic
 
 PREVIEW_VAR = "ALIVE_SWITCH_PREVIEW"  # pre_switch's environment: the preview header line
 PREVIEW_TOKEN_BYTES = 24  # 32 characters of [A-Za-z0-9_-]: not guessable, fits the router's rule
@@ -371,7 +371,8 @@ class Deployer(Site):
     def _traffic(self, target: Color, old: Color | None) -> Traffic:
         """Just before the switch: what the watch will judge the target's traffic against."""
         traffic = Traffic(self.router, self.env.analysis, target, self.say,
-                          timeout=max(self.env.health.interval, 1.0))
+                          timeout=max(self.env.health.interval, 1.0),
+                          caveat=DIRECT_NOTE if self.env.mode is Mode.direct else "")
         if old is None:
             traffic.missing = "the first deploy: no old color to compare with"
         else:

@@ -13,7 +13,8 @@ What a deploy's history record keeps of it (``"analysis"``)::
      "router_restarts": 0, "unread_looks": 0}
 
 ``colors`` is absent when the router gave no figures before the switch (then the verdict
-says so); ``window`` says what each color's figures cover.
+says so); ``window`` says what each color's figures cover. In direct mode the message ends
+with DIRECT_NOTE: what that mode's figures can and cannot show.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from switcher.ops.site import Say
 from switcher.routerctl import Router
 
 UNREADABLE = (RouterError, ValueError)  # the router down, or an answer without figures
+# Direct mode's answers are connections the kernel steered (the router never sees their
+# requests); a listener that refuses or is gone is not steered to, so its connections take
+# the router's path, where a refused connect counts against the color.
+DIRECT_NOTE = ("direct mode: answers are the connections the kernel steered and the "
+               "router's refused connects; what the app answered on them is not seen")
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Traffic:
     missing: str = ""  # why there are no figures to judge, when there are none
     unread_looks: int = 0
     moment: str = "the switch"  # when the window starts: the switch, or "the canary"
+    caveat: str = ""  # added to the note: what this mode's figures cannot show
 
     def before_switch(self) -> None:
         """Just before the switch: the old color's baseline (the ``figures`` command) and
@@ -88,8 +95,12 @@ class Traffic:
         self.unread_looks += 1
 
     def note(self) -> str:
-        """The verdict's message, or why there was none; what the output and history say
-        when the watch ends."""
+        """The verdict's message, or why there was none, and the caveat; what the output
+        and history say when the watch ends."""
+        note = self._note()
+        return f"{note}; {self.caveat}" if self.caveat else note
+
+    def _note(self) -> str:
         if self.verdict is not None:
             return self.verdict.message
         if self.missing:
@@ -101,7 +112,7 @@ class Traffic:
     def to_json(self) -> dict[str, Any]:
         """The history record's ``analysis`` (the module docstring draws it)."""
         record: dict[str, Any] = {
-            "verdict": self.verdict.to_json() if self.verdict else {
+            "verdict": {**self.verdict.to_json(), "message": self.note()} if self.verdict else {
                 "ok": True, "judged": False, "rule": None, "message": self.note()},
             "router_restarts": self.since.restarts if self.since else 0,
             "unread_looks": self.unread_looks}

@@ -11,6 +11,10 @@
   the router's path until a ``take`` of the new one. Once a second the router looks: when the
   live color's slot is empty and the color answers its health probe (``GET health_path``
   on its own port), it takes the new listener.
+- figures: the program counts the connections it steered per color; ``counted()`` gives
+  those since its last call (the status probes left out: they are the router's own), which
+  the router adds to each color's tally (:meth:`switcher.router.routes.Routes.snapshots`),
+  so the watch judges steered connections as tcp mode's forwarded ones.
 - shutdown: closing the link and the maps ends the steering; the kernel's normal lookup finds
   the systemd socket again.
 """
@@ -39,6 +43,8 @@ class Direct:
         self.settings = settings
         self.steering = steering
         self.taken: dict[Color, float] = {}  # when each color's listener was put in the map
+        self.read = dict.fromkeys(Color, 0)  # the program's counts at the last counted()
+        self.probes = dict.fromkeys(Color, 0)  # status probes steered, not yet left out
         self.watching: asyncio.Task[None] | None = None
 
     @classmethod
@@ -103,12 +109,34 @@ class Direct:
             except SteerError as e:
                 log("warning", f"{color} answers its health probe but: {e}")
 
+    def counted(self) -> dict[Color, int]:
+        """Connections the program steered to each color since the last call, without the
+        status probes (a map that cannot be read counts nothing this time)."""
+        try:
+            now = self.steering.steered()
+        except OSError as e:
+            log("warning", f"cannot read the steered connections: {e}")
+            return dict.fromkeys(Color, 0)
+        new = {c: max(now[c] - self.read[c] - self.probes[c], 0) for c in Color}
+        self.read, self.probes = now, dict.fromkeys(Color, 0)
+        return new
+
+    def probe(self) -> tuple[Color | None, bool]:
+        """The selected color and whether the kernel steers to it, measured by a probe
+        connection; one that was steered is left out of ``counted``."""
+        selected = self.steering.selected()
+        steering = self.steering.probe()
+        if steering and selected is not None:
+            self.probes[selected] += 1
+        return selected, steering
+
     def status(self) -> dict[str, Any]:
         target = self.steering.target
         family = "ipv4" if target.family == socket.AF_INET else "ipv6"
+        selected, steering = self.probe()
         return {"families": [family], "address": target.address or "any",
-                "port": target.port, "selected": _color_name(self.steering.selected()),
-                "steering": self.steering.probe(),  # measured, not assumed
+                "port": target.port, "selected": _color_name(selected),
+                "steering": steering,  # measured, not assumed
                 "steered": {c.value: n for c, n in self.steering.steered().items()},
                 "taken_at": {c.value: t for c, t in self.taken.items()}}
 

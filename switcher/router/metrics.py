@@ -8,7 +8,8 @@
     alive_switch_color_info{env,color,build}                gauge (1)
     alive_switch_canary_percent{env}                        gauge
     alive_switch_switches_total{env}                        counter
-    alive_switch_connections_total{env}                     counter (client connections)
+    alive_switch_connections_total{env}                     counter (client connections;
+                                                            direct mode: steered ones too)
 
 Every series is there from the start, at 0. The exposition is written here rather than by
 prometheus_client: that library would cost the router's start an import (57 ms measured

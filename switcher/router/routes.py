@@ -18,6 +18,9 @@ requests sent and not answered whole, and tunnels), ``total`` what the color too
 connections it accepted; http: requests sent to it), ``errors`` what failed on it
 (refused, unreachable, broken), and ``tally`` the same failures by reason with its answers
 (:mod:`.tally`); ``accepted`` counts client connections, ``switches`` the switches.
+In direct mode the kernel hands most connections to the colors without the router:
+``outside`` (the steering's ``counted``) gives those, and every read of the tallies adds
+them to each color's ``connections`` and to ``steered`` first.
 
 Timers: at ``drain_until`` the table cuts what is left on colors other than the serving one;
 every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer),
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -96,6 +100,8 @@ class Routes:
         self.sweeping: asyncio.TimerHandle | None = None
         self.accepted = 0  # client connections admitted, ever
         self.switches = 0
+        self.steered = 0  # client connections the kernel handed to a color (direct mode)
+        self.outside: Callable[[], dict[Color, int]] | None = None  # new steered, per color
         self.ring = Ring(len(self.backends), time.monotonic())
         self.marking: asyncio.TimerHandle | None = None
 
@@ -258,8 +264,16 @@ class Routes:
     # -- figures -----------------------------------------------------------------------------
 
     def snapshots(self) -> tuple[Snapshot, ...]:
-        """Every color's tally now, in Color order."""
+        """Every color's tally now, in Color order (with what was counted outside)."""
+        if self.outside is not None:
+            self.count_outside(self.outside())
         return tuple(self.backends[c].tally.snapshot() for c in Color)
+
+    def count_outside(self, connections: dict[Color, int]) -> None:
+        """Connections that reached each color without the router (direct mode)."""
+        for color, n in connections.items():
+            self.backends[color].tally.connections += n
+            self.steered += n
 
     def figures(self, seconds: float) -> tuple[float, dict[Color, Snapshot]]:
         """What each color did over the last ``seconds`` (as far as the ring reaches):

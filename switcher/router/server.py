@@ -299,6 +299,7 @@ class Router:
             self.direct_problem = "not steering"
             return
         self.direct_problem = ""
+        self.routes.outside = self.direct.counted
         self.direct.resume(self.view.active)
         self._steer_to(self.view.active)
         self.direct.keep_taking(lambda: self.view.active)
@@ -311,6 +312,8 @@ class Router:
 
     def _close_direct(self) -> None:
         if self.direct is not None:
+            self.routes.count_outside(self.direct.counted())  # the last ones steered
+            self.routes.outside = None
             self.direct.close()
             self.direct = None
 
@@ -374,13 +377,14 @@ class Router:
         routes = self.routes
         live = routes.live
         builds = self.view.builds
+        snaps = routes.snapshots()  # first: it reads in what the kernel steered
         return metrics.render(Metrics(
             env=self.settings.env, switches=routes.switches,
             canary_percent=routes.split.canary.percent if routes.split is not None else 0,
-            connections=routes.accepted,
+            connections=routes.accepted + routes.steered,
             colors=[ColorMetrics(c.value, snap, routes.inflight(c), live is not None and
                                  live.color is c, builds.get(c) or "")
-                    for c, snap in zip(Color, routes.snapshots(), strict=True)]))
+                    for c, snap in zip(Color, snaps, strict=True)]))
 
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> dict[str, Any]:

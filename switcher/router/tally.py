@@ -3,7 +3,8 @@
     Tally (one per color, cumulative since the router started)
       classes[1..5]   answers by status class (http mode)
       failures[...]   what the router saw itself, by Failure
-      connections     client connections forwarded to the color (tcp mode)
+      connections     client connections forwarded to the color (tcp mode), or handed to
+                      it by the kernel (direct mode: the steering's count, read in)
       buckets[0..11]  answers by duration: buckets[i] took ≤ BOUNDS[i] s and > BOUNDS[i-1] s;
                       buckets[11] took > 10 s
       duration_sum    seconds, over all answers in the histogram

@@ -43,8 +43,9 @@ def env(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 
 def router_connections(status: dict[str, Any]) -> int:
-    """Client connections the router itself forwarded, both colors."""
-    return sum(f["connections"] for f in status["counters"].values())
+    """Client connections the router itself forwarded, both colors (``counters`` also has
+    the ones the kernel steered)."""
+    return sum(status["total"].values())
 
 
 def steered(status: dict[str, Any]) -> dict[str, int]:
@@ -99,6 +100,10 @@ def test_deploys_under_new_connection_load_fail_nothing(env: Env) -> None:
         for step in ("deploy prod B", "rollback prod", "deploy prod B"):
             out = env.ok(*step.split())
             assert "health" in out
+            # The watch judges the connections the kernel steered to the new color.
+            judged = re.search(r"passed on traffic: 0 of (\d+) answers failed", out)
+            assert judged and int(judged.group(1)) >= 50, out
+            assert "direct mode: answers are the connections the kernel steered" in out
             load.wait_requests(200)
     after = router_status(env)
     print(f"\ndeploys: {load.tally.summary()}; router connections "
@@ -108,6 +113,11 @@ def test_deploys_under_new_connection_load_fail_nothing(env: Env) -> None:
     assert after["direct"]["selected"] == "green" and after["direct"]["steering"] is True
     assert steered(after)["green"] > steered(before)["green"]
     assert router_connections(after) == router_connections(before)
+    counted = after["counters"]["green"]["connections"] - before["counters"]["green"][
+        "connections"]
+    # The steered connections are in green's figures, less the status probes (the watch's).
+    assert 0.9 * (steered(after)["green"] - steered(before)["green"]) <= counted <= (
+        steered(after)["green"] - steered(before)["green"])
 
 
 def main_pid(env: Env, unit: str) -> int:

@@ -571,3 +571,31 @@ def test_direct_mode_refuses_a_canary_on_the_command_line(tmp_path: Path) -> Non
         d.deploy("b2", force=False, dry_run=False, steps=config.Canary(steps=[5]))
     assert 'mode = "http" or "tcp"' in caught.value.hint
     assert router.switches == [Color.blue]
+
+
+def test_direct_mode_judges_steered_connections_and_says_what_it_cannot_see(
+        tmp_path: Path) -> None:
+    d, _, router, said = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    router.window = {Color.blue: Figures(connections=1000), Color.green: Figures()}
+    on_green(router, Figures(connections=40))  # what the kernel steered, read into the tally
+    said.clear()
+    assert d.deploy("b2", force=False, dry_run=False).ok
+    verdict = [line for line in said if "on traffic" in line]
+    assert len(verdict) == 1 and re.fullmatch(
+        r"green passed on traffic: 0 of \d+ answers failed \(0 %\), blue 0 % before the "
+        r"switch; direct mode: answers are the connections the kernel steered and the "
+        r"router's refused connects; what the app answered on them is not seen", verdict[0])
+    assert state.read_history(d.env_dir)[-1]["analysis"]["verdict"]["message"] == verdict[0]
+
+
+def test_direct_mode_fails_a_color_on_the_refused_connects_of_the_routers_path(
+        tmp_path: Path) -> None:
+    d, _, router, _ = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    router.window = {Color.blue: Figures(connections=1000), Color.green: Figures()}
+    # green's listener gone: nothing steered to it, the router's connects refused.
+    on_green(router, answers(refused=40))
+    with pytest.raises(SwitchedBackError, match=r"green: \d+ of \d+ answers failed \(100 %\)"):
+        d.deploy("b2", force=False, dry_run=False)
+    assert router.switches == [Color.blue, Color.green, Color.blue]

@@ -139,6 +139,32 @@ def test_a_started_router_resumes_steering_to_the_live_color(
     assert status["steered"] == {"blue": 2, "green": 0}  # the connection and the probe
 
 
+def _counted(units: dict[str, int]) -> list[object]:
+    with public() as pub, color("blue", BLUE) as blue:
+        units["app-test@blue.service"] = blue.pid
+        steering = direct.Direct.open(SETTINGS, [pub])
+        try:
+            steering.take(Color.blue)
+            steering.select(Color.blue)
+            for _ in range(3):
+                answer()
+            seen: list[object] = [steering.status()["steered"]]  # the probe counts here
+            seen += [steering.counted(), steering.counted()]
+            answer()
+            return [*seen, steering.counted()]
+        finally:
+            steering.close()
+
+
+def test_what_the_program_steered_is_read_once_without_the_status_probes(
+        netns: Netns, units: dict[str, int]) -> None:
+    raw, first, again, later = netns.run(_counted, units)
+    assert raw == {"blue": 4, "green": 0}  # three connections and the status probe
+    assert first == {Color.blue: 3, Color.green: 0}
+    assert again == {Color.blue: 0, Color.green: 0}
+    assert later == {Color.blue: 1, Color.green: 0}
+
+
 def _take_missing(units: dict[str, int]) -> str:
     with public() as pub:
         steering = direct.Direct.open(SETTINGS, [pub])

@@ -4,6 +4,7 @@ path, durations, refused/reset/timeout, tcp connections) and the ``figures`` com
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import itertools
 import socket
@@ -15,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from switcher.model import Color, Fallback, State
+from switcher.model import Color, Fallback, Mode, RouterSettings, State
+from switcher.router.routes import Routes
 from switcher.router.tally import (
     BOUNDS,
     RING_SECONDS,
@@ -72,6 +74,30 @@ def test_the_ring_gives_the_window_asked_for_or_all_it_has() -> None:
     assert covered == RING_SECONDS  # the oldest kept
     young = Ring(1, now=5.0)
     assert young.since(7.5, 60) == (2.5, (ZERO,))  # younger than asked: since the start
+
+
+def test_connections_counted_outside_the_router_are_read_into_every_figure() -> None:
+    """Direct mode: what the steering counted since the last read joins each color's
+    connections whenever the tallies are read (status, figures, the ring's mark)."""
+    loop = asyncio.new_event_loop()
+    try:
+        settings = RouterSettings(app="a", env="e", mode=Mode.direct,
+                                  control_socket="/nonexistent",
+                                  colors={Color.blue: ("127.0.0.1", 1),
+                                          Color.green: ("127.0.0.1", 2)})
+        routes = Routes(loop, settings, blue_live())
+        steered = iter([{Color.blue: 5, Color.green: 0}, {Color.blue: 2, Color.green: 1}])
+        routes.outside = lambda: next(steered)
+        routes._mark()  # what the timer does every second
+        _, window = routes.figures(60)
+        if routes.marking is not None:
+            routes.marking.cancel()
+    finally:
+        loop.close()
+    assert [figures_json(s)["connections"] for s in routes.ring.marks[-1][1]] == [5, 0]
+    assert figures_json(window[Color.blue])["connections"] == 7
+    assert figures_json(window[Color.green])["connections"] == 1
+    assert routes.steered == 8 and routes.accepted == 0  # the router accepted none of them
 
 
 # -- what a real router counts -----------------------------------------------------------------
