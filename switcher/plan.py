@@ -25,6 +25,7 @@ class Plan:
     noop: bool = False  # already live: nothing to do
     canary: tuple[int, ...] = ()  # percent of clients per canary step before the switch
     step_seconds: float = 0.0
+    direct: bool = False  # direct mode: the old color retires at T0 + max(drain, watch)
 
     def phases(self) -> list[Phase]:
         if self.noop:
@@ -54,7 +55,9 @@ class Plan:
             Phase.switching: f"switch the router to {self.target}",
             Phase.commit: f"commit; {self.target} starts at boot",
             Phase.watch: f"watch {self.target}; {old} drains",
-            Phase.schedule_retire: f"{old} on standby, then it retires",
+            Phase.schedule_retire: f"{old} finishes its work, then retires at T0 + "
+                                   "max(drain, watch) (direct mode: no standby)" if self.direct
+                                   else f"{old} on standby, then it retires",
             Phase.post_switch: "post_switch hook, if configured; history",
         }
         return [f"{self.kind} {self.build} to {self.target} (live now: {old})",

@@ -73,7 +73,8 @@ class Deployer(Site):
 
     def rollback(self, *, dry_run: bool) -> Outcome:
         if dry_run:
-            the_plan = plan.plan_rollback(self.load_state(), self.running_builds())
+            the_plan = replace(plan.plan_rollback(self.load_state(), self.running_builds()),
+                               direct=self.env.mode is Mode.direct)
             for line in the_plan.describe():
                 self.say(line)
             return Outcome("rollback", True, the_plan.target, the_plan.build, "dry run")
@@ -113,6 +114,7 @@ class Deployer(Site):
         the_plan = self._with_canary(plan.plan_deploy(self.load_state(), build.name,
                                                       force=force,
                                                       running=self.running_builds()), steps)
+        the_plan = replace(the_plan, direct=self.env.mode is Mode.direct)
         for line in the_plan.describe():
             self.say(line)
         return Outcome("deploy", True, the_plan.target, build.name, "dry run")

@@ -599,3 +599,15 @@ def test_direct_mode_fails_a_color_on_the_refused_connects_of_the_routers_path(
     with pytest.raises(SwitchedBackError, match=r"green: \d+ of \d+ answers failed \(100 %\)"):
         d.deploy("b2", force=False, dry_run=False)
     assert router.switches == [Color.blue, Color.green, Color.blue]
+
+
+def test_direct_mode_dry_run_says_no_standby(tmp_path: Path) -> None:
+    d, _, _, said = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    said.clear()
+    d.deploy("b3", force=False, dry_run=True)
+    d.rollback(dry_run=True)
+    retire = [line for line in said if "retires" in line]
+    assert len(retire) == 2 and not any("standby," in line for line in said), said
+    assert all("retires at T0 + max(drain, watch)" in line for line in retire)
