@@ -25,7 +25,7 @@ The router's settings file ``router.json`` (written by ``install``)::
      "header_timeout": 10.0, "idle_timeout": 75.0, "max_header_bytes": 65536,
      "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
      "control_group": "", "body_timeout": 60.0, "response_timeout": 60.0,
-     "tunnels": ["websocket"]}
+     "tunnels": ["websocket"], "pool_size": 64, "pool_idle": 2.0}
 """
 
 from __future__ import annotations
@@ -203,6 +203,8 @@ class RouterSettings:
     response_timeout: float = 60.0
     tunnels: tuple[str, ...] = ("websocket",)
     metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
+    pool_size: int = 64  # http: idle keep-alive connections kept per color (0 = off)
+    pool_idle: float = 2.0  # http: seconds an idle pooled connection may be reused
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -215,6 +217,7 @@ class RouterSettings:
             "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
             "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
             "tunnels": list(self.tunnels), "metrics": self.metrics,
+            "pool_size": self.pool_size, "pool_idle": self.pool_idle,
         }
 
     @classmethod
@@ -233,4 +236,5 @@ class RouterSettings:
             response_timeout=float(raw.get("response_timeout", 60.0)),
             tunnels=tuple(str(t) for t in raw.get("tunnels", ("websocket",))),
             metrics=str(raw.get("metrics", "")),
+            pool_size=int(raw.get("pool_size", 64)), pool_idle=float(raw.get("pool_idle", 2.0)),
         )

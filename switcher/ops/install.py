@@ -65,6 +65,7 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
         tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
+        pool_size=env.router.pool_size, pool_idle=env.router.pool_idle,
     )
 
 
