@@ -11,11 +11,14 @@ can: ``inflight`` is what "drained" waits for (tcp: connections open on the colo
 requests sent and not answered whole, and tunnels), ``total`` what the color took (tcp:
 connections it accepted; http: requests sent to it), ``errors`` what failed on it
 (refused, unreachable, broken), and ``tally`` the same failures by reason with its answers
-(:mod:`.tally`); ``accepted`` counts client connections, ``switches`` the switches.
+(:mod:`.tally`); ``accepted`` counts client connections, ``switches`` the switches. http
+mode keeps a color's idle connections in its ``pool`` (:mod:`.http.pool`): only the live
+color's, so every change of what is served closes the others' at once.
 
 Timers: at ``drain_until`` the table cuts what is left on colors other than the serving one;
-every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer),
-and every ``MARK_EVERY`` it puts a snapshot of every tally in the ring.
+every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer)
+and closes pooled connections idle too long, and every ``MARK_EVERY`` it puts a snapshot of
+every tally in the ring.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Protocol
 
 from switcher.model import Color, Fallback, RouterSettings, State
 from switcher.router.activation import log
+from switcher.router.http.pool import Pool
 from switcher.router.tally import Failure, Ring, Snapshot, Tally, minus
 
 SWEEP_EVERY = 0.5  # seconds between checks of http timeouts (no per-request timers)
@@ -36,10 +40,12 @@ MARK_EVERY = 1.0  # seconds between snapshots in the ring
 class Backend:
     """One color: where it listens and what it carries (the same account in both modes)."""
 
-    __slots__ = ("address", "color", "errors", "inflight", "tally", "total")
+    __slots__ = ("address", "color", "errors", "inflight", "pool", "tally", "total")
 
-    def __init__(self, color: Color, address: tuple[str, int] | None = None) -> None:
+    def __init__(self, color: Color, address: tuple[str, int] | None = None,
+                 pool: Pool | None = None) -> None:
         self.color = color
+        self.pool = Pool() if pool is None else pool  # http: idle connections to it
         self.address = address  # None: the color has no address in router.json
         self.inflight = 0
         self.total = 0
@@ -71,7 +77,8 @@ class Routes:
                  view: State) -> None:
         self.loop = loop
         self.max_connections = settings.max_connections
-        self.backends = {c: Backend(c, settings.colors.get(c)) for c in Color}
+        self.backends = {c: Backend(c, settings.colors.get(c),
+                                    Pool(settings.pool_size, settings.pool_idle)) for c in Color}
         self.conns: set[Client] = set()
         self.view = view
         self.live: Backend | None = None  # where new work goes; None: no live color
@@ -145,10 +152,14 @@ class Routes:
         self.max_connections = settings.max_connections
         for color, backend in self.backends.items():
             backend.address = settings.colors.get(color)
+            backend.pool.configure(settings.pool_size, settings.pool_idle)
         self.serve(view)
         self._after_change()
 
     def _after_change(self) -> None:
+        for backend in self.backends.values():
+            if backend is not self.live:
+                backend.pool.clear()  # none is used after T0
         for conn in list(self.conns):
             conn.leave_idle(self.live)
         self.schedule_cut()
@@ -184,6 +195,8 @@ class Routes:
         now = time.monotonic()
         for conn in list(self.conns):
             conn.check(now)
+        for backend in self.backends.values():
+            backend.pool.prune(now)
         self.sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
 
     def schedule_cut(self) -> None:
@@ -213,10 +226,16 @@ class Routes:
 
     def stop(self) -> None:
         self.stopping = True
+        self._clear_pools()
         for conn in list(self.conns):
             conn.stop()
 
     def cut_all(self) -> None:
+        self._clear_pools()
         self.cut(set(Color))
         for conn in list(self.conns):  # http: idle keep-alive connections too
             conn.cut()
+
+    def _clear_pools(self) -> None:
+        for backend in self.backends.values():
+            backend.pool.clear()
