@@ -7,7 +7,9 @@
      "pending": null | {"target": .., "phase": .., "deploy_id": .., "build": ..},
      "fallback": null | {"color": "blue", "until": 1790000000.0},
      "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
-                "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null},
+                "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null,
+                "pool": null | {"size": 64, "idle_s": 2.0,
+                                "idle": null | {"blue": 0, "green": 5}}},
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
                          "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
                          "health": "ok" | "failing: …" | "not running",
@@ -27,6 +29,8 @@ younger router): answers (responses, failures it saw, tcp connections), how many
 (5xx, refused, reset, timeout), their share (null without answers) and p95 in seconds
 (null with nothing timed); null when the router is unreachable or reports no figures.
 ``started_at``: when the router process started (its counters count from then).
+``pool`` (http mode): the idle connections the router keeps per color for the next client,
+as the running router says (else as configured, ``idle`` null); null in other modes.
 
 ``restart_pending``: the color runs a process started before its installed config (unit
 file, drop-ins, environment_file) last changed; its next start applies that config.
@@ -48,7 +52,7 @@ from switcher import health, routerctl, state
 from switcher.analysis import Figures, percent
 from switcher.config import Config, Environment
 from switcher.errors import RouterError
-from switcher.model import Color, State, color_name
+from switcher.model import Color, Mode, State, color_name
 from switcher.names import Names
 from switcher.routerctl import Router
 from switcher.systemd import Systemd
@@ -76,6 +80,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     # One systemctl call for the three units (each call costs ~10 ms).
     props = sd.show_many([router_unit, *colors.values()], *COLOR_PROPS)
     router_info, recent = _router(props[router_unit]["ActiveState"], router, router_unit)
+    router_info["pool"] = _pool(env, router_info.pop("pool", None))
     history = state.read_history(env_dir)
     return {
         "schema": SCHEMA, "app": cfg.app, "env": env.name,
@@ -118,13 +123,22 @@ def _router(active: str, router: Router, unit: str
     except RouterError as exc:
         info["error"] = exc.message
         return info, {}
-    info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}))
+    info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}),
+                pool=reply.get("pool"))
     try:
         reading = routerctl.recent(reply)
     except ValueError:  # a router older than its figures
         return info, {}
     info["started_at"] = reading.started_at
     return info, {c: _recent(f, reading.seconds or 0.0) for c, f in reading.colors.items()}
+
+
+def _pool(env: Environment, told: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The router's pool as it said (a router older than pools says nothing), else as
+    configured."""
+    if env.mode is not Mode.http:
+        return None
+    return told or {"size": env.router.pool_size, "idle_s": env.router.pool_idle, "idle": None}
 
 
 def _recent(figures: Figures, seconds: float) -> dict[str, Any]:
@@ -196,6 +210,7 @@ def render_table(info: dict[str, Any]) -> list[str]:
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)") + _router_age(info))
+    lines += _pool_line(r.get("pool"))
     fallback = info.get("fallback")
     if fallback and fallback["until"] > time.time():
         left = _duration(fallback["until"] - time.time())
@@ -223,6 +238,19 @@ def render_table(info: dict[str, Any]) -> list[str]:
                      f"{_duration(time.time() - last['time'])} ago "
                      f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
     return lines
+
+
+def _pool_line(pool: dict[str, Any] | None) -> list[str]:
+    """``  pool: up to 64 idle connections per color, reused within 2 s (idle now: …)``."""
+    if pool is None:
+        return []
+    if not pool["size"]:
+        return ["  pool: off (a connection to a color per client connection)"]
+    idle = pool["idle"]
+    now = "" if idle is None else " (idle now: " + ", ".join(
+        f"{c} {idle.get(c, 0)}" for c in ("blue", "green")) + ")"
+    return [f"  pool: up to {pool['size']} idle connections per color, reused within "
+            f"{pool['idle_s']:g} s{now}"]
 
 
 def _router_age(info: dict[str, Any]) -> str:

@@ -86,3 +86,12 @@ def test_no_figures_no_rows() -> None:
     lines = status.render_table(info())
     assert not any(line.split()[0] in ("answers/s", "p95") for line in lines)
     assert lines[1] == "  router: active, serving blue"
+
+
+def test_the_pool_line_says_its_bounds_and_what_waits() -> None:
+    pool = {"size": 64, "idle_s": 2.0, "idle": {"blue": 5, "green": 0}}
+    lines = status.render_table(info(router={**info()["router"], "pool": pool}))
+    assert lines[2] == ("  pool: up to 64 idle connections per color, reused within 2 s "
+                        "(idle now: blue 5, green 0)")
+    off = status.render_table(info(router={**info()["router"], "pool": {**pool, "size": 0}}))
+    assert off[2] == "  pool: off (a connection to a color per client connection)"
