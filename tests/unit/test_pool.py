@@ -41,6 +41,8 @@ class Color_:  # noqa: N801 - a color server; "Color" is the enum
         self.keep_alive = keep_alive
         self.connections = 0
         self.requests = 0
+        self.early = False  # answer the next connection's first request before it arrives
+        self.answered_early = threading.Event()
         self.open: set[socket.socket] = set()
         self.lock = threading.Lock()
         self.sock = socket.socket()
@@ -49,6 +51,10 @@ class Color_:  # noqa: N801 - a color server; "Color" is the enum
         self.sock.listen(256)
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
+
+    def answer_early(self) -> None:
+        """The next connection gets its first answer at once, its request read after."""
+        self.early = True
 
     def close_idle(self) -> None:
         """Close every open connection now (the FIN leaves before this returns)."""
@@ -83,8 +89,12 @@ class Color_:  # noqa: N801 - a color server; "Color" is the enum
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(self.keep_alive)
         buf = b""
+        answered, self.early = self.early, False
         try:
             with conn:
+                if answered:
+                    self._answer(conn, b"GET / HTTP/1.1")
+                    self.answered_early.set()
                 while True:
                     while b"\r\n\r\n" not in buf:
                         data = conn.recv(65536)
@@ -92,6 +102,9 @@ class Color_:  # noqa: N801 - a color server; "Color" is the enum
                             return
                         buf += data
                     head, _, buf = buf.partition(b"\r\n\r\n")
+                    if answered:
+                        answered = False  # its answer went first
+                        continue
                     self._answer(conn, head)
         except OSError:  # the keep-alive timeout (TimeoutError) too
             pass
@@ -316,6 +329,29 @@ def test_a_pooled_connection_the_color_closes_as_it_is_taken_costs_no_request(
         assert response(sock) == (200, b"blue")
     assert colors[Color.blue].connections == 2  # the pooled one, then the resend's
     assert r.routes.backends[Color.blue].errors == 0  # the router's own race, not the color's
+
+
+def test_a_connection_whose_client_left_as_it_was_made_is_pooled_alive(
+        start: Callable[..., InProcessRouter], colors: dict[Color, Color_],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other race: the answer is read, and its client gone, in the loop iteration after
+    the connection was made, before the task that made it resumed. Cancelling that task
+    then (uvloop) closes the transport without telling its protocol: were it pooled, the
+    next request would be written to a dead handle and its client get nothing."""
+    r = start(pool_size=4, pool_idle=30.0)
+    blue = colors[Color.blue]
+    blue.answer_early()
+    made = Conn.upstream_made
+
+    def made_once_answered(conn: Conn, up: Any) -> None:
+        blue.answered_early.wait(5)  # the answer is in the router's socket: read next
+        made(conn, up)
+    monkeypatch.setattr(Conn, "upstream_made", made_once_answered)
+    assert get(r.port) == (200, b"blue")
+    monkeypatch.undo()
+    assert get(r.port) == (200, b"blue")
+    assert get(r.port) == (200, b"blue")
+    assert blue.connections == 1
 
 
 def test_a_color_closing_idle_connections_under_load_causes_no_client_error(

@@ -329,14 +329,17 @@ class Conn(RequestReader, asyncio.Protocol):
             except OSError:
                 break
             else:
-                self.connecting = None
-                return
+                return  # (upstream_made let go of this task: another may be running now)
         self.connecting = None
         backend.failed(failure)
         if self.backend is backend:
             self._fail(UNREACHABLE)
 
     def upstream_made(self, up: Upstream) -> None:
+        # Made: nothing is left to cancel. Cancelling the connect's task from here on (its
+        # client leaves before it resumes) makes uvloop close the transport without a
+        # connection_lost: a dead connection the pool would hand to the next request.
+        self.connecting = None
         if self.closing or self.backend is not up.backend or not self.queue:
             cast(asyncio.Transport, up.transport).abort()
             return
