@@ -244,6 +244,7 @@ class Verdict:
     ok: bool = True
     judged: bool = True
     rule: Rule | None = None
+    moment: str = "the switch"  # what the baseline was taken before (or "the canary")
 
     @functools.cached_property
     def message(self) -> str:
@@ -251,7 +252,8 @@ class Verdict:
             return f"not judged on traffic ({self.new.answers} answers)"
         if self.rule is Rule.latency:
             return _latency_text(self)
-        shares = _shares(self.new, self.baseline, self.settings, self.color.other)
+        shares = _shares(self.new, self.baseline, self.settings, self.color.other,
+                         self.moment)
         return f"{self.color}: {shares}" if self.rule is Rule.errors \
             else f"{self.color} passed on traffic: {shares}"
 
@@ -260,14 +262,16 @@ class Verdict:
                 "message": self.message}
 
 
-def judge(new: Figures, baseline: Figures, settings: Analysis, *, color: Color) -> Verdict:
-    """Judge ``color``'s ``new`` figures (since the switch) against the other color's
-    ``baseline`` (the seconds before it), by the rule of the module docstring."""
+def judge(new: Figures, baseline: Figures, settings: Analysis, *, color: Color,
+          moment: str = "the switch") -> Verdict:
+    """Judge ``color``'s ``new`` figures (since ``moment``: the switch, or the canary's
+    start) against the other color's ``baseline`` (the seconds before it), by the rule of
+    the module docstring."""
     if new.answers < settings.min_requests:
-        return Verdict(color, new, baseline, settings, judged=False)
+        return Verdict(color, new, baseline, settings, judged=False, moment=moment)
     rule = (Rule.errors if _rises(new, baseline, settings)
             else Rule.latency if _slower(new, baseline, settings) else None)
-    return Verdict(color, new, baseline, settings, ok=rule is None, rule=rule)
+    return Verdict(color, new, baseline, settings, ok=rule is None, rule=rule, moment=moment)
 
 
 def _rises(new: Figures, baseline: Figures, settings: Analysis) -> bool:
@@ -339,13 +343,14 @@ def _latency_text(verdict: Verdict) -> str:
             f"{_seconds(old_p95)} s + {LATENCY_SLACK:g} s")
 
 
-def _shares(new: Figures, baseline: Figures, settings: Analysis, old: Color) -> str:
+def _shares(new: Figures, baseline: Figures, settings: Analysis, old: Color,
+            moment: str) -> str:
     """``37 of 212 answers failed (17 %), blue 0.4 % before the switch``."""
     if baseline.answers < settings.min_requests:
-        before = (f"{old} had {baseline.answers} answers before the switch (too few to "
+        before = (f"{old} had {baseline.answers} answers before {moment} (too few to "
                   "compare: taken as 0 %)")
     else:
-        before = f"{old} {percent(baseline.share)} before the switch"
+        before = f"{old} {percent(baseline.share)} before {moment}"
     return f"{new.failed} of {new.answers} answers failed ({percent(new.share)}), {before}"
 
 

@@ -20,12 +20,14 @@ from switcher.model import Color
 
 if TYPE_CHECKING:
     from switcher.ops.deploy import Deployer
+    from switcher.ops.outcome import Outcome
     from switcher.progress import Progress
 
 EPILOG = """\
 exit codes: 0 ok (also "already live") · 1 internal error · 2 usage or config ·
 3 aborted before the switch, the old color still serves · 4 lock held ·
-5 switched, then switched back during `watch` · 6 state needs `alive-switch repair ENV`
+5 the new color got traffic (a canary step or the switch), then every client went back
+(a failed step or watch, or `abort`) · 6 state needs `alive-switch repair ENV`
 """
 
 FIRST_STEPS = """\
@@ -57,7 +59,13 @@ EXAMPLES = {
     "deploy": "alive-switch deploy production                 # the newest build\n"
               "alive-switch deploy production 2026-02-03.2     # a named build\n"
               "alive-switch deploy production 2026-02-03.2 --dry-run\n"
-              "alive-switch deploy production --json | jq -c 'select(.event == \"phase\")'",
+              "alive-switch deploy production --json | jq -c 'select(.event == \"phase\")'\n"
+              "alive-switch deploy production --canary 5,25,50 --step-seconds 60",
+    "promote": "alive-switch promote production   # the running canary: full switch now",
+    "abort": "alive-switch abort production     # the running canary: every client back now",
+    "pause": "alive-switch pause production --max-wait 120   # e.g. from a pre_switch hook\n"
+             "alive-switch resume production",
+    "resume": "alive-switch resume production",
     "rollback": "alive-switch rollback production            # back to the previous build\n"
                 "alive-switch rollback production            # again: forward, like `cd -`\n"
                 "alive-switch rollback production --dry-run",
@@ -77,8 +85,17 @@ EXAMPLES = {
 }
 
 
+PAUSE_MAX_WAIT = 30.0  # seconds a pause holds requests unless --max-wait says otherwise
 # The commands that take the environment's lock, and so take --wait.
 LOCKING = ("install", "deploy", "rollback", "retire", "repair", "uninstall", "prune")
+
+
+def _percents(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole percents such as "
+                                         "5,25,50") from None
 
 
 def _seconds(text: str) -> float:
@@ -89,6 +106,27 @@ def _seconds(text: str) -> float:
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
+
+
+def _delivery_commands(command: Any, deploy: argparse.ArgumentParser) -> None:
+    """deploy's canary options; promote, abort, pause, resume."""
+    deploy.add_argument("--canary", type=_percents, default=None, metavar="P1,P2,…",
+                        help="before the full switch, send these percents of clients to the "
+                        "new color in turn, each step judged on its traffic (default: "
+                        "[env.*.canary] steps)")
+    deploy.add_argument("--step-seconds", type=float, default=None, metavar="SECONDS",
+                        help="how long each canary step lasts (default: [env.*.canary] "
+                        "step_seconds)")
+    for name, text in (("promote", "finish the running canary now: the full switch"),
+                       ("abort", "end the running canary now: every client back on the old "
+                        "color, the new one stopped")):
+        command(name, text)
+    p = command("pause", "hold new requests (tcp: connections) until resume or --max-wait; "
+                "never waits for the deploy lock")
+    p.add_argument("--max-wait", type=_seconds, default=PAUSE_MAX_WAIT, metavar="SECONDS",
+                   help=f"then answer held requests 503 with Retry-After (default "
+                   f"{PAUSE_MAX_WAIT:g})")
+    command("resume", "release the requests held by pause")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="deploy even if BUILD is live")
     p.add_argument("--json", action="store_true", help="JSON events on stdout, one per "
                    "line: each phase, then the outcome")
+    _delivery_commands(command, p)
     p = command("rollback", "make the previous live color and build live again")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--json", action="store_true", help="as for deploy")
@@ -396,6 +435,38 @@ def _check(d: Deployer, build_arg: str | None) -> int:
     return 3 if failed else 0
 
 
+def _operate(d: Deployer, args: argparse.Namespace) -> Outcome:
+    from switcher.ops import orders  # noqa: PLC0415
+    from switcher.ops.canary import Order  # noqa: PLC0415
+
+    if args.command == "deploy":
+        return d.deploy(args.build, force=args.force, dry_run=args.dry_run,
+                        steps=_canary(d.env, args))
+    if args.command == "rollback":
+        return d.rollback(dry_run=args.dry_run)
+    if args.command == "pause":
+        return orders.pause(d, args.max_wait)
+    if args.command == "resume":
+        return orders.resume(d)
+    return orders.give(d, Order(args.command))
+
+
+def _canary(env: config.Environment, args: argparse.Namespace) -> config.Canary | None:
+    """The canary --canary/--step-seconds ask for (None: the config's)."""
+    if args.canary is None and args.step_seconds is None:
+        return None
+    steps = args.canary if args.canary is not None else env.canary.steps
+    seconds = args.step_seconds if args.step_seconds is not None else env.canary.step_seconds
+    problem = config.canary_problem(steps, seconds)
+    if problem:
+        raise UsageError(f"--canary {','.join(map(str, steps))} --step-seconds {seconds:g}: "
+                         f"{problem[0]}; nothing was changed", problem[1])
+    if not steps:
+        raise UsageError("--step-seconds without canary steps: there is nothing to time",
+                         "add --canary 5,25,50, or steps = [5, 25, 50] in [env.*.canary]")
+    return config.Canary(steps=steps, step_seconds=seconds)
+
+
 def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespace) -> int:
     from switcher import progress  # noqa: PLC0415
     from switcher.ops import recovery  # noqa: PLC0415
@@ -404,10 +475,9 @@ def _mutate(cfg: config.Config, env: config.Environment, args: argparse.Namespac
     report = progress.for_stream(sys.stdout, as_json=getattr(args, "json", False))
     d = _deployer(cfg, env, say=report.say, progress=report,
                   lock_wait=getattr(args, "wait", None))
-    if args.command in ("deploy", "rollback"):
+    if args.command in ("deploy", "rollback", "promote", "abort", "pause", "resume"):
         try:
-            outcome = (d.deploy(args.build, force=args.force, dry_run=args.dry_run)
-                       if args.command == "deploy" else d.rollback(dry_run=args.dry_run))
+            outcome = _operate(d, args)
         except SwitchError as exc:
             report.failed(args.command, exc.exit_code, exc.message, exc.hint)
             raise

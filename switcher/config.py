@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import itertools
 import os
 import re
 import shlex
@@ -96,6 +97,32 @@ class Analysis:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Canary:
+    """Progressive delivery: shares of clients on the new color before the full switch."""
+
+    steps: list[int] = field(default_factory=list)  # percent per step, e.g. [5, 25, 50]
+    step_seconds: float = 30.0  # each step lasts this long and must pass the analysis
+
+
+def canary_problem(steps: list[int], step_seconds: float) -> tuple[str, str] | None:
+    """What is wrong with a canary (a problem, its fix), or None; for the config and for
+    ``deploy --canary``."""
+    if step_seconds <= 0:
+        return (f"step_seconds {step_seconds:g} is not above 0",
+                "write how long each step lasts in seconds, e.g. 30")
+    outside = [p for p in steps if not 1 <= p <= 99]
+    if outside:
+        return (f"step {outside[0]} is outside 1-99 percent",
+                "write percents of clients between 1 and 99, e.g. [5, 25, 50] (100 is "
+                "the full switch, which follows the last step)")
+    for before, after in itertools.pairwise(steps):
+        if after <= before:
+            return (f"steps {steps} do not increase ({before} then {after})",
+                    "write each step's share above the one before, e.g. [5, 25, 50]")
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Checks:
     disk_max_percent: float = 80.0
     memory_min_mb: float = 500.0
@@ -124,6 +151,7 @@ class Environment:
     unit: UnitSettings = field(default_factory=UnitSettings)
     router: Router = field(default_factory=Router)
     analysis: Analysis = field(default_factory=Analysis)
+    canary: Canary = field(default_factory=Canary)
     checks: Checks = field(default_factory=Checks)
 
     def port(self, color: Color) -> int:
@@ -214,7 +242,7 @@ def _load_env(path: str, name: str, body: Any) -> Environment:
     body = dict(body)
     subs: dict[str, Any] = {"name": name}
     for sub, cls in (("health", Health), ("unit", UnitSettings), ("router", Router),
-                     ("analysis", Analysis), ("checks", Checks)):
+                     ("analysis", Analysis), ("canary", Canary), ("checks", Checks)):
         if sub in body:
             if not isinstance(body[sub], dict):
                 raise ConfigError(path, f"{key}.{sub}", "expected a table",
@@ -355,6 +383,8 @@ def _validate_env(path: str, env: Environment) -> None:
                           "with '/'", f"write e.g. \"/{env.health.path.lstrip('/')}\"")
     _validate_positive(path, key, env)
     _validate_analysis(path, f"{key}.analysis", env.analysis)
+    if problem := canary_problem(env.canary.steps, env.canary.step_seconds):
+        raise ConfigError(path, f"{key}.canary", *problem)
     if env.router.metrics:
         _validate_metrics(path, f"{key}.router.metrics", env)
     _validate_enums(path, key, env)

@@ -10,12 +10,17 @@ No I/O here. ``state.json`` (written only by :mod:`switcher.state`) looks like::
       "pending": null | {"target": "blue", "phase": "switching", "deploy_id": "..."},
       "fallback": null | {"color": "blue", "until": 1790000000.0},
       "drain_until": null | 1790000000.0, # old color's in-flight work is cut at this time
+      "canary": null | {"color": "green", "percent": 10, "step": 1, "seed": "..."},
       "deploy_id": "...",                 # of the last committed deploy or rollback
       "updated": 1790000000.0
     }
 
 ``fallback`` is the previous live color during its drain/watch/standby window: the only
-color the router may use when the live one refuses a connection.
+color the router may use when the live one refuses a connection. ``canary`` is the share of
+clients a running canary step sends to a color that is not live yet (only while
+``pending.phase`` is ``canary``): a client goes there when its hash, seeded by ``seed``,
+falls in the first ``percent`` of the hash space, so a client that moved stays moved as the
+share grows.
 
 The router's settings file ``router.json`` (written by ``install``)::
 
@@ -70,6 +75,7 @@ class Phase(enum.StrEnum):
     start = "start"
     health = "health"
     pre_switch = "pre_switch"
+    canary = "canary"  # a share of clients on the target; the old color is still live
     switching = "switching"
     commit = "commit"
     watch = "watch"
@@ -98,6 +104,38 @@ class Pending:
     def from_json(cls, raw: dict[str, Any]) -> Pending:
         return cls(Color(raw["target"]), Phase(raw["phase"]), str(raw["deploy_id"]),
                    str(raw.get("build", "")))
+
+
+# A request carrying this header with the deploy's token reaches the new color between its
+# health gate and the switch (http mode); the router removes it from every request.
+PREVIEW_HEADER = "Alive-Switch-Preview"
+CANARY_BUCKETS = 10_000  # a client's hash falls in one of these; percent p takes p × 100
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A running canary step: ``percent`` of clients (1–99) on ``color``."""
+
+    color: Color
+    percent: int
+    step: int  # 1-based, of the deploy's step list
+    seed: str  # the deploy's id: each deploy moves a different first share of clients
+
+    def to_json(self) -> dict[str, Any]:
+        """As state.json and the control socket carry it."""
+        return {"color": self.color.value, "percent": self.percent, "step": self.step,
+                "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Canary:
+        percent = int(raw["percent"])
+        if not 1 <= percent <= 99:
+            raise ValueError(f"canary percent {percent} is outside 1-99")
+        return cls(Color(raw["color"]), percent, int(raw["step"]), str(raw["seed"]))
+
+
+def canary_json(canary: Canary | None) -> dict[str, Any] | None:
+    return None if canary is None else canary.to_json()
 
 
 @dataclass(frozen=True)
@@ -133,6 +171,7 @@ class State:
     drain_until: float | None = None
     deploy_id: str = ""
     updated: float = 0.0
+    canary: Canary | None = None
 
     def serving(self) -> Color | None:
         """The color the router should send new work to, reading the intent too."""
@@ -158,6 +197,7 @@ class State:
             "pending": self.pending.to_json() if self.pending else None,
             "fallback": fallback_json(self.fallback),
             "drain_until": self.drain_until,
+            "canary": canary_json(self.canary),
             "deploy_id": self.deploy_id,
             "updated": self.updated,
         }
@@ -177,6 +217,7 @@ class State:
             drain_until=float(raw["drain_until"]) if raw.get("drain_until") else None,
             deploy_id=str(raw.get("deploy_id", "")),
             updated=float(raw.get("updated", 0.0)),
+            canary=Canary.from_json(raw["canary"]) if raw.get("canary") else None,
         )
 
 

@@ -23,11 +23,15 @@ class Plan:
     old: Color | None
     warm: bool = False  # the target already runs this build: no restart, just a health check
     noop: bool = False  # already live: nothing to do
+    canary: tuple[int, ...] = ()  # percent of clients per canary step before the switch
+    step_seconds: float = 0.0
 
     def phases(self) -> list[Phase]:
         if self.noop:
             return []
         skip = {Phase.lock, Phase.reconcile, Phase.done}
+        if not self.canary:
+            skip.add(Phase.canary)
         return [p for p in Phase if p not in skip]
 
     def describe(self) -> list[str]:
@@ -45,6 +49,8 @@ class Plan:
             Phase.start: start,
             Phase.health: f"health gate on {self.target}",
             Phase.pre_switch: "pre_switch hook, if configured",
+            Phase.canary: f"canary: {', '.join(f'{p} %' for p in self.canary)} of clients on "
+                          f"{self.target}, {self.step_seconds:g} s each, judged on traffic",
             Phase.switching: f"switch the router to {self.target}",
             Phase.commit: f"commit; {self.target} starts at boot",
             Phase.watch: f"watch {self.target}; {old} drains",

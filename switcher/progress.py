@@ -13,6 +13,10 @@ deployer has to say goes through ``say``; the CLI calls ``finished`` or ``failed
     {"event": "phase", "phase": "health", "status": "ok" | "failed", "seconds": 0.612,
      "detail": "", "time": 1790000000.6}
     {"event": "message", "text": "blue on standby; retires in 4 s (…)"}
+    {"event": "canary", "step": 1, "of": 2, "percent": 10, "color": "green",
+     "status": "started" | "passed" | "failed" | "aborted" | "promoted", "seconds": 30.0,
+     "time": 1790000000.0,
+     "verdict": {…} | null, "figures": {"green": {…}, "blue": {…}} | null}
     {"event": "outcome", "kind": "deploy", "ok": true, "exit_code": 0, "target": "green",
      "build": "b2", "message": "b2 is live on green", "phases": {"health": 0.61, …},
      "warnings": []}
@@ -38,6 +42,7 @@ class Progress(Protocol):
     def begin(self, phase: str, limit: float | None) -> None: ...
     def end(self, phase: str, took: float, detail: str, *, ok: bool) -> None: ...
     def say(self, line: str) -> None: ...
+    def event(self, event: dict[str, Any], line: str) -> None: ...
 
 
 def for_stream(out: TextIO, *, as_json: bool = False) -> Plain:
@@ -68,6 +73,10 @@ class Plain:
 
     def say(self, line: str) -> None:
         self.write(line + "\n")
+
+    def event(self, event: dict[str, Any], line: str) -> None:
+        """Something with figures (a canary step): ``line`` for people, ``event`` for --json."""
+        self.say(line)
 
     def finished(self, outcome: dict[str, Any]) -> None:
         """The command succeeded; ``outcome`` is ``Outcome.to_json()``."""
@@ -155,6 +164,9 @@ class JsonEvents(Plain):
 
     def say(self, line: str) -> None:
         self.emit({"event": "message", "text": line.strip()})
+
+    def event(self, event: dict[str, Any], line: str) -> None:
+        self.emit(event)
 
     def finished(self, outcome: dict[str, Any]) -> None:
         self.emit({"event": "outcome", **outcome, "exit_code": 0})

@@ -8,7 +8,14 @@ from typing import Any, Protocol
 
 from switcher.analysis import Figures
 from switcher.errors import RouterError, SwitchError
-from switcher.model import FIGURES_RING_SECONDS, Color, Fallback, fallback_json
+from switcher.model import (
+    FIGURES_RING_SECONDS,
+    Canary,
+    Color,
+    Fallback,
+    canary_json,
+    fallback_json,
+)
 
 CONTROL_TIMEOUT = 5.0
 
@@ -19,6 +26,10 @@ class Router(Protocol):
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]: ...
     def set_fallback(self, fallback: Fallback | None) -> None: ...
+    def set_canary(self, canary: Canary | None) -> dict[str, Any]: ...
+    def set_preview(self, color: Color | None, token: str = "") -> None: ...
+    def pause(self, max_wait: float) -> dict[str, Any]: ...
+    def resume(self) -> dict[str, Any]: ...
 
 
 def serving(status: dict[str, Any]) -> Color | None:
@@ -109,3 +120,19 @@ class ControlSocket:
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self._request({"cmd": "fallback", "fallback": fallback_json(fallback)}, CONTROL_TIMEOUT)
+
+    def set_canary(self, canary: Canary | None) -> dict[str, Any]:
+        """Send ``canary.percent`` of clients to ``canary.color`` (None: every client to the
+        live color); answered once new work goes by the new split."""
+        return self._request({"cmd": "canary", "canary": canary_json(canary)}, CONTROL_TIMEOUT)
+
+    def set_preview(self, color: Color | None, token: str = "") -> None:
+        """Requests carrying the preview header with ``token`` go to ``color`` (None: off)."""
+        self._request({"cmd": "preview", "color": None if color is None else color.value,
+                       "token": token}, CONTROL_TIMEOUT)
+
+    def pause(self, max_wait: float) -> dict[str, Any]:
+        return self._request({"cmd": "pause", "max_wait": max_wait}, CONTROL_TIMEOUT)
+
+    def resume(self) -> dict[str, Any]:
+        return self._request({"cmd": "resume"}, CONTROL_TIMEOUT)

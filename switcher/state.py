@@ -28,6 +28,7 @@ HISTORY = "history.jsonl"
 ROUTER_SETTINGS = "router.json"
 TAKEOVER = "takeover"  # the legacy unit's backup
 TAKEOVER_INTENT = f"{TAKEOVER}/intent.json"  # a takeover between its backup and its end
+CANARY_ORDER = "canary-order.json"  # promote/abort, for the deploy running a canary
 # What reading a damaged or foreign state file raises (load_state): one tuple for every reader.
 UNREADABLE = (OSError, ValueError, KeyError, TypeError)
 

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from switcher.analysis import BOUNDS, Figures
 from switcher.errors import RouterError, SystemdError
-from switcher.model import Color, Fallback
+from switcher.model import Canary, Color, Fallback, canary_json
 from switcher.ops.takeover import cutover
 from switcher.routerctl import CONTROL_TIMEOUT
 from switcher.systemd import UnitProps
@@ -174,6 +174,10 @@ class FakeRouter:
     unreadable: bool = False
     asked_seconds: list[float] = field(default_factory=list)
     drain_until: float | None = None  # of the last switch
+    canary: Canary | None = None  # the split a canary step set
+    canaries: list[Canary | None] = field(default_factory=list)  # every split, in order
+    preview: tuple[Color, str] | None = None  # (color, token), until the switch
+    paused: dict[str, Any] | None = None  # {"until": …, "held": …} while paused
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         if self.traffic is not None:
@@ -182,6 +186,8 @@ class FakeRouter:
             raise RouterError("router control socket /run/fake.sock: [Errno 111] Connection "
                               "refused", "is the router running?")
         return {"ok": True, "serving": self.active.value if self.active else None,
+                "canary": canary_json(self.canary), "paused": self.paused,
+                "preview": self.preview[0].value if self.preview else None,
                 "inflight": {"blue": 0, "green": 0}, "started_at": self.started_at,
                 "counters": _colors(self.counters),
                 "recent": {"seconds": 60.0, **_colors(self.recent)}}
@@ -195,10 +201,31 @@ class FakeRouter:
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:
         self.active, self.fallback, self.drain_until = target, fallback, drain_until
         self.switches.append(target)
+        self.canary = self.preview = None  # as the router: a switch ends both
         return {"ok": True, "serving": target.value}
 
     def set_fallback(self, fallback: Fallback | None) -> None:
         self.fallback = fallback
+
+    def set_canary(self, canary: Canary | None) -> dict[str, Any]:
+        self.canary = canary
+        self.canaries.append(canary)
+        return {"ok": True, "canary": canary_json(canary)}
+
+    def set_preview(self, color: Color | None, token: str = "") -> None:
+        self.preview = (color, token) if color is not None else None
+
+    def pause(self, max_wait: float) -> dict[str, Any]:
+        if self.paused:
+            raise RouterError("router refused 'pause': already paused", "resume first")
+        self.paused = {"until": 2_000_000_000.0 + max_wait, "held": 0}
+        return {"ok": True, "paused_until": self.paused["until"]}
+
+    def resume(self) -> dict[str, Any]:
+        if not self.paused:
+            raise RouterError("router refused 'resume': not paused", "")
+        self.paused = None
+        return {"ok": True, "released": 3}
 
     def serve(self, color: Color, figures: Figures) -> None:
         """``color`` answered ``figures`` more."""

@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import secrets
+from dataclasses import replace
 from pathlib import Path
 
 from switcher import health, plan, state
+from switcher.config import Canary
 from switcher.errors import (
     AbortedError,
     NeedsRepairError,
+    RouterError,
     SwitchedBackError,
     SwitchError,
     UsageError,
 )
 from switcher.hooks import HOOK_IDENTIFIER
-from switcher.model import Color, Pending, Phase, State, color_name
-from switcher.ops import builds, recovery
+from switcher.model import PREVIEW_HEADER, Color, Mode, Pending, Phase, State, color_name
+from switcher.ops import builds, canary, recovery
 from switcher.ops.outcome import Outcome
 from switcher.ops.site import SWITCH_BACK, Phases, Site, stop_here, why_not_retire
 from switcher.ops.traffic import Traffic
+
+PREVIEW_VAR = "ALIVE_SWITCH_PREVIEW"  # pre_switch's environment: the preview header line
+PREVIEW_TOKEN_BYTES = 24  # 32 characters of [A-Za-z0-9_-]: not guessable, fits the router's rule
 
 
 class Deployer(Site):
@@ -36,16 +43,28 @@ class Deployer(Site):
         """Step 1: the router running and state reconciled (see ops/recovery.py)."""
         return recovery.begin(self)
 
-    def deploy(self, build_arg: str | None, *, force: bool, dry_run: bool) -> Outcome:
+    def deploy(self, build_arg: str | None, *, force: bool, dry_run: bool,
+               steps: Canary | None = None) -> Outcome:
+        """``steps``: the canary (``--canary``); None: the config's ``[env.*.canary]``."""
         if dry_run:
-            return self._dry_run(build_arg, force)
+            return self._dry_run(build_arg, force, steps)
         with self.lock(f"deploy {self.env.name} {build_arg or ''}".strip()):
             current, running = self.begin()
             build = builds.resolve(self.env, build_arg)
             if build_arg is None:
                 self.say(f"build: {build.name} (newest deployable in {self.env.builds})")
-            the_plan = plan.plan_deploy(current, build.name, force=force, running=running)
+            the_plan = self._with_canary(
+                plan.plan_deploy(current, build.name, force=force, running=running), steps)
             return self._execute(the_plan, current, build.path)
+
+    def _with_canary(self, the_plan: plan.Plan, steps: Canary | None) -> plan.Plan:
+        chosen = steps or self.env.canary
+        if not chosen.steps or the_plan.noop:
+            return the_plan
+        if the_plan.old is None:
+            self.say("no canary: this is the first deploy, no old color serves clients")
+            return the_plan
+        return replace(the_plan, canary=tuple(chosen.steps), step_seconds=chosen.step_seconds)
 
     def rollback(self, *, dry_run: bool) -> Outcome:
         if dry_run:
@@ -84,28 +103,49 @@ class Deployer(Site):
             return Outcome("retire", True, color, current.builds.get(color) or "", message,
                            warnings=warnings)
 
-    def _dry_run(self, build_arg: str | None, force: bool) -> Outcome:
+    def _dry_run(self, build_arg: str | None, force: bool, steps: Canary | None) -> Outcome:
         build = builds.resolve(self.env, build_arg)
-        the_plan = plan.plan_deploy(self.load_state(), build.name, force=force,
-                                    running=self.running_builds())
+        the_plan = self._with_canary(plan.plan_deploy(self.load_state(), build.name,
+                                                      force=force,
+                                                      running=self.running_builds()), steps)
         for line in the_plan.describe():
             self.say(line)
         return Outcome("deploy", True, the_plan.target, build.name, "dry run")
 
-    def _execute(self, the_plan: plan.Plan, current: State, path: Path) -> Outcome:
+    def promote_left(self, current: State) -> Outcome:
+        """Finish a canary whose deploy was killed (the caller holds the lock): the full
+        switch to its color, then Part 1's commit, watch, drain and standby."""
+        pending = current.pending
+        assert pending is not None  # orders._running_canary
+        before = current.with_(pending=None, canary=None)
+        the_plan = plan.Plan(plan.Kind.deploy, pending.target, pending.build, before.active,
+                             warm=True)
+        self.say(f"promote: the deploy of {pending.build} to {pending.target} was "
+                 "interrupted mid-canary; finishing it with the full switch")
+        return self._execute(the_plan, before, Path(self.env.builds) / pending.build,
+                             promoting=pending.deploy_id)
+
+    def _execute(self, the_plan: plan.Plan, current: State, path: Path, *,
+                 promoting: str = "") -> Outcome:
+        """Run ``the_plan``; ``promoting``: the id of a deploy whose canary is finished
+        from its switch on."""
         if the_plan.noop:
             message = the_plan.describe()[0]
             self.say(message)
             return Outcome(the_plan.kind.value, True, the_plan.target, the_plan.build, message)
-        deploy_id = self.new_deploy_id()
+        deploy_id = promoting or self.new_deploy_id()
         phases = self.phases()
         outcome = Outcome(the_plan.kind.value, False, the_plan.target, the_plan.build)
         result = "failed"
         self.say(f"{the_plan.kind} {the_plan.build} → {the_plan.target} "
                  f"(live now: {the_plan.old.value if the_plan.old else 'nothing'})")
         try:
-            self._steps(the_plan, current, path, deploy_id=deploy_id, phases=phases,
-                        outcome=outcome)
+            if promoting:
+                self._promote_steps(the_plan, current, path, deploy_id=deploy_id,
+                                    phases=phases, outcome=outcome)
+            else:
+                self._steps(the_plan, current, path, deploy_id=deploy_id, phases=phases,
+                            outcome=outcome)
             outcome.ok = True
         except AbortedError as exc:
             outcome.message = exc.message
@@ -119,6 +159,8 @@ class Deployer(Site):
             outcome.message = exc.message
             raise
         finally:
+            if not outcome.ok:
+                self._close_preview()
             outcome.phases = phases.durations
             self.record({"kind": the_plan.kind.value, "deploy_id": deploy_id,
                            "color": the_plan.target.value, "build": the_plan.build,
@@ -127,7 +169,7 @@ class Deployer(Site):
                            "failed_phase": None if outcome.ok else _value(phases.current),
                            "message": outcome.message, "phases": phases.durations,
                            "warnings": outcome.warnings, "hooks": outcome.hooks,
-                           "analysis": outcome.analysis})
+                           "analysis": outcome.analysis, "canary": outcome.canary})
         return outcome
 
     def _steps(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
@@ -146,9 +188,37 @@ class Deployer(Site):
             started = self._start(target, the_plan.build, path, warm=the_plan.warm)
         with phases(Phase.health, limit=self.env.health.timeout):
             self._health_gate(target, started)
+        preview = self._open_preview(target)
         with phases(Phase.pre_switch):
             self._hook("pre_switch", target, the_plan.build, path, abort=True,
-                       outcome=outcome)
+                       outcome=outcome, extra=preview)
+        if the_plan.canary:
+            with phases(Phase.canary, limit=len(the_plan.canary) * the_plan.step_seconds):
+                self._canary(the_plan, current, intent, started, outcome)
+        self._go_live(the_plan, current, path, deploy_id=deploy_id, phases=phases,
+                      outcome=outcome, started=started)
+
+    def _promote_steps(self, the_plan: plan.Plan, current: State, path: Path, *,
+                       deploy_id: str, phases: Phases, outcome: Outcome) -> None:
+        """A left canary's color, proven healthy again, goes live."""
+        target = the_plan.target
+        with phases(Phase.health, limit=self.env.health.timeout):
+            started = self.identity(target)
+            gone = self.gone(target, started)
+            if gone:
+                raise AbortedError(f"cannot promote {target}: {gone}",
+                                   f"undo the canary: alive-switch abort {self.env.name}")
+            problem = self.health_problem(target, started)
+            if problem:
+                raise AbortedError(f"cannot promote {target}: it {problem}",
+                                   f"undo the canary: alive-switch abort {self.env.name}")
+        self._go_live(the_plan, current, path, deploy_id=deploy_id, phases=phases,
+                      outcome=outcome, started=started)
+
+    def _go_live(self, the_plan: plan.Plan, current: State, path: Path, *, deploy_id: str,
+                 phases: Phases, outcome: Outcome, started: dict[str, str]) -> None:
+        """From the switch on: switch, commit, watch, standby, post_switch."""
+        target, old = the_plan.target, the_plan.old
         with phases(Phase.switching):
             self._still_healthy_process(target, started)
             switching = current.with_(pending=Pending(target, Phase.switching, deploy_id,
@@ -181,6 +251,49 @@ class Deployer(Site):
                 outcome.warnings.append(warning)
         outcome.message = f"{the_plan.build} is live on {target}"
         self.say(outcome.message)
+
+    def _open_preview(self, target: Color) -> dict[str, str]:
+        """http mode: from the health gate's end until the switch, requests carrying this
+        deploy's token reach ``target``; the header line goes to pre_switch only."""
+        if self.env.mode is not Mode.http:
+            return {}
+        token = secrets.token_urlsafe(PREVIEW_TOKEN_BYTES)
+        try:
+            self.router.set_preview(target, token)
+        except RouterError as exc:
+            self.say(f"warning: no preview for pre_switch: {exc.message}")
+            return {}
+        return {PREVIEW_VAR: f"{PREVIEW_HEADER}: {token}"}
+
+    def _close_preview(self) -> None:
+        """A deploy that ends before its switch leaves no preview (the switch ends it)."""
+        if self.env.mode is Mode.http:
+            with contextlib.suppress(RouterError):
+                self.router.set_preview(None)
+
+    def _canary(self, the_plan: plan.Plan, current: State, intent: Pending,
+                started: dict[str, str], outcome: Outcome) -> None:
+        """The canary steps; a failed or aborted step sends every client back (exit 5)."""
+        target, old = the_plan.target, the_plan.old
+        traffic = Traffic(self.router, self.env.analysis, target, self.say,
+                          timeout=max(self.env.health.interval, 1.0), moment="the canary")
+        traffic.before_switch()
+        interval = self.env.health.interval
+        steps = canary.Steps(self, target, list(the_plan.canary), the_plan.step_seconds,
+                             current, intent, traffic,
+                             look=lambda t: self._watch_problem(target, started, interval, t))
+        ending = steps.run()
+        outcome.canary = steps.to_json(ending)
+        if ending.how.goes_on:
+            return
+        steps.undo(ending)
+        outcome.canary = steps.to_json(ending)
+        what = ("was aborted" if ending.how is canary.How.aborted
+                else f"failed ({ending.why})")
+        raise SwitchedBackError(
+            f"canary step {ending.step} ({ending.percent} % of clients on {target}) {what}; "
+            f"every client is back on {old} and {target} is stopped",
+            self.journal_hint(target))
 
     def _withdraw_fallback(self, current: State, target: Color) -> State:
         """A color about to be (re)started or health-checked must not get fallback traffic.
@@ -300,8 +413,8 @@ class Deployer(Site):
             f"{before.active} and stopped {target}", self.journal_hint(target))
 
     def _hook(self, name: str, color: Color, build: str, path: Path, *, abort: bool,
-              outcome: Outcome) -> str:
-        run = self.run_hook(name, color, build, path)
+              outcome: Outcome, extra: dict[str, str] | None = None) -> str:
+        run = self.run_hook(name, color, build, path, extra)
         if run is None:
             return ""
         outcome.hooks.append(run.to_json())

@@ -20,10 +20,11 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     hooks: list[dict[str, Any]] = field(default_factory=list)  # HookRun.to_json() of each
     analysis: dict[str, Any] | None = None  # the watch's figures and verdict (ops/traffic.py)
+    canary: dict[str, Any] | None = None  # its steps and how they ended (ops/canary.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": self.ok,
                 "target": color_name(self.target), "build": self.build,
                 "message": self.message, "phases": self.phases, "warnings": self.warnings,
-                "hooks": self.hooks, "analysis": self.analysis}
+                "hooks": self.hooks, "analysis": self.analysis, "canary": self.canary}
 

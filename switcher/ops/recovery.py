@@ -29,7 +29,10 @@ def begin(site: Site) -> tuple[State, dict[Color, str | None]]:
         site.sd.start(router_unit)
         site.say(f"started {router_unit}")
     current = site.load_state()
-    actual = serving(site.router.status())
+    status = site.router.status()
+    actual = serving(status)
+    if current.canary is not None or status.get("canary"):
+        current = _end_canary(site, current)
     action = plan.reconcile(current, actual)
     if action is plan.Reconcile.nothing:
         _ensure_retire_timer(site, current, active)
@@ -39,6 +42,24 @@ def begin(site: Site) -> tuple[State, dict[Color, str | None]]:
     site.record({"kind": "reconcile", "action": action.name, "outcome": "ok",
                  "router_was": color_name(actual)})
     return fixed, site.running_builds()  # the reconcile may have stopped a color
+
+
+def _end_canary(site: Site, current: State) -> State:
+    """A canary with no deploy running it (that deploy was killed: only the lock holder
+    runs one): every client back on the live color, first of all. The reconcile that
+    follows stops its color (its intent is not past the switch)."""
+    site.router.set_canary(None)
+    left = current.canary
+    if left is not None:
+        site.drain_color(left.color)
+    what = (f"a canary of {left.color} ({left.percent} % of clients, step {left.step})"
+            if left else "the router's canary split")
+    site.say(f"reconcile: {what} was left by an interrupted deploy: every client is back "
+             f"on {_value_color(current.active)}")
+    ended = current.with_(canary=None)
+    if current.pending is None:  # else the reconcile saves it with the intent undone
+        state.save_state(site.env_dir, ended)
+    return ended
 
 
 def _resume_takeover(site: Site) -> None:

@@ -46,6 +46,8 @@ RETIRE_MARGIN = 0.5  # the retire timer fires this long after the fallback windo
 # margin covers that kill, the CLI's own start and its state write.
 RETIRE_LOCK_MARGIN = 10.0
 Say = Callable[[str], None]
+DRAIN_POLL = 0.05  # seconds between looks at a draining color's in-flight count
+DRAIN_POLL_TIMEOUT = 1.0  # per look: a hung router must not stall the drain
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Clock:
 def stop_here(point: str) -> None:
     """Test-only fault injection: with ``ALIVE_SWITCH_TEST_STOP_AT=<point>`` the CLI freezes
     (SIGSTOP) there, so a test can SIGKILL it or let it go on (SIGCONT) at a chosen moment.
-    The points are the deploy phases and ``retire`` (a retire holding the lock)."""
+    The points are the deploy phases, ``canary_step`` (a canary step's split in place) and
+    ``retire`` (a retire holding the lock)."""
     if os.environ.get(STOP_AT_VAR) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 
@@ -135,6 +138,10 @@ class Site:
 
     def phases(self) -> Phases:
         return Phases(self.say, self.progress)
+
+    def tell(self, event: dict[str, Any], line: str) -> None:
+        """Something with figures: ``line`` for people, ``event`` for --json."""
+        (self.progress or _SayProgress(self.say)).event(event, line)
 
     @staticmethod
     def new_deploy_id() -> str:
@@ -275,21 +282,37 @@ class Site:
             fallback=Fallback(old, t0 + window) if old is not None else None,
             drain_until=t0 + self.env.drain, deploy_id=deploy_id)
 
-    def run_hook(self, name: str, color: Color, build: str, path: Path) -> HookRun | None:
+    def run_hook(self, name: str, color: Color, build: str, path: Path,
+                 extra: dict[str, str] | None = None) -> HookRun | None:
         """Run hook ``name`` (None when not configured) in the build directory with the
-        environment of ``color``; each line of its output goes to the terminal and the journal
-        as it comes; after ``hook_timeout`` its whole process group is killed."""
+        environment of ``color`` (and ``extra``, which never reaches the journal); each line
+        of its output goes to the terminal and the journal as it comes; after
+        ``hook_timeout`` its whole process group is killed."""
         command: str = getattr(self.env, name)
         if not command:
             return None
         env = {**os.environ, **self.env.environment, "COLOR": color.value,
                "HOST": self.env.host, "PORT": str(self.env.port(color)),
-               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name}
+               "ALIVE_SWITCH_BUILD": build, "ALIVE_SWITCH_ENV": self.env.name, **(extra or {})}
         fields = {"ALIVE_SWITCH_APP": self.cfg.app, "ALIVE_SWITCH_ENV": self.env.name,
                   "ALIVE_SWITCH_HOOK": name, "ALIVE_SWITCH_COLOR": color.value,
                   "ALIVE_SWITCH_BUILD": build}
         return hooks.run(name, command, cwd=path, env=env, timeout=self.env.hook_timeout,
                          fields=fields, say=self.say)
+
+    def drain_color(self, color: Color) -> None:
+        """Once the router sends ``color`` nothing new: wait (at most ``drain`` s) until it
+        has nothing in flight there. A connection the router already gave the color may
+        still sit in the app's accept queue, and a stopping app resets those."""
+        deadline = self.clock.now() + self.env.drain
+        while self.clock.now() < deadline:
+            try:
+                inflight = self.router.status(DRAIN_POLL_TIMEOUT).get("inflight", {})
+            except SwitchError:
+                return  # a router that does not answer has nothing in flight to wait for
+            if not inflight.get(color.value):
+                return
+            self.clock.sleep(DRAIN_POLL)
 
     def stop_quietly(self, color: Color) -> None:
         with contextlib.suppress(SwitchError):

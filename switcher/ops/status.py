@@ -6,8 +6,10 @@
      "live": "green", "live_build": "b2", "previous": "blue",
      "pending": null | {"target": .., "phase": .., "deploy_id": .., "build": ..},
      "fallback": null | {"color": "blue", "until": 1790000000.0},
+     "canary": null | {"color": "green", "percent": 10, "step": 1},
      "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
                 "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null,
+                "paused": null | {"until": 1790000000.0, "held": 0},
                 "pool": null | {"size": 64, "idle_s": 2.0,
                                 "idle": null | {"blue": 0, "green": 5}}},
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
@@ -29,6 +31,9 @@ younger router): answers (responses, failures it saw, tcp connections), how many
 (5xx, refused, reset, timeout), their share (null without answers) and p95 in seconds
 (null with nothing timed); null when the router is unreachable or reports no figures.
 ``started_at``: when the router process started (its counters count from then).
+``canary``: the share of clients a canary step sends to a color that is not live yet, as
+``state.json`` has it (the running deploy writes it; one that was killed left it for the
+next command to undo). ``paused``: new requests are held until ``resume`` or ``until``.
 ``pool`` (http mode): the idle connections the router keeps per color for the next client,
 as the running router says (else as configured, ``idle`` null); null in other modes.
 
@@ -88,6 +93,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
         if current.active else None, "previous": color_name(current.previous),
         "pending": current.pending.to_json() if current.pending else None,
         "fallback": current.to_json()["fallback"],
+        "canary": _canary(current),
         "router": router_info,
         "colors": {c.value: {**_color(env, colors[c], props[colors[c]], current, c,
                                       router_info=router_info), "recent": recent.get(c)}
@@ -96,6 +102,13 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
         "state_error": state_error,
         "takeover": _unfinished_takeover(env_dir),
     }
+
+
+def _canary(current: State) -> dict[str, Any] | None:
+    left = current.canary
+    if left is None:
+        return None
+    return {"color": left.color.value, "percent": left.percent, "step": left.step}
 
 
 def _unfinished_takeover(env_dir: Path) -> str | None:
@@ -115,7 +128,7 @@ def _router(active: str, router: Router, unit: str
     """The router's part of status, and each color's recent figures (when it has them)."""
     info: dict[str, Any] = {"unit": unit, "active": active,
                             "reachable": False, "serving": None, "inflight": {},
-                            "started_at": None}
+                            "started_at": None, "paused": None}
     if info["active"] != "active":
         return info, {}
     try:
@@ -124,7 +137,7 @@ def _router(active: str, router: Router, unit: str
         info["error"] = exc.message
         return info, {}
     info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}),
-                pool=reply.get("pool"))
+                paused=reply.get("paused"), pool=reply.get("pool"))
     try:
         reading = routerctl.recent(reply)
     except ValueError:  # a router older than its figures
@@ -200,7 +213,12 @@ def render_table(info: dict[str, Any]) -> list[str]:
         + (f" (previous: {info['previous']})" if info.get("previous") else "")]
     if info["state_error"]:
         lines.append(f"  state: {info['state_error']}")
-    if info["pending"]:
+    canary = info.get("canary")
+    if canary:
+        lines.append(f"  canary: {canary['percent']} % of clients on {canary['color']} "
+                     f"(step {canary['step']}); if no deploy runs it any more, the next "
+                     "command sends them back")
+    elif info["pending"]:
         p = info["pending"]
         lines.append(f"  interrupted: {p['target']} at phase {p['phase']} (the next command "
                      "reconciles it)")
@@ -211,6 +229,11 @@ def render_table(info: dict[str, Any]) -> list[str]:
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)") + _router_age(info))
     lines += _pool_line(r.get("pool"))
+    paused = r.get("paused")
+    if paused:
+        lines.append(f"  paused: {paused.get('held', 0)} requests held until alive-switch "
+                     f"resume {info['env']}, at most {_duration(paused['until'] - time.time())}"
+                     " more")
     fallback = info.get("fallback")
     if fallback and fallback["until"] > time.time():
         left = _duration(fallback["until"] - time.time())

@@ -47,6 +47,7 @@ class Traffic:
     verdict: Verdict | None = None
     missing: str = ""  # why there are no figures to judge, when there are none
     unread_looks: int = 0
+    moment: str = "the switch"  # when the window starts: the switch, or "the canary"
 
     def before_switch(self) -> None:
         """Just before the switch: the old color's baseline (the ``figures`` command) and
@@ -56,7 +57,7 @@ class Traffic:
                                                           self.timeout))
             now = routerctl.counters(self.router.status(self.timeout))
         except UNREADABLE as exc:
-            self.missing = f"the router gave no figures before the switch: {_why(exc)}"
+            self.missing = f"the router gave no figures before {self.moment}: {_why(exc)}"
             self.say(f"warning: {self.missing}; the watch judges health and process only")
             return
         self.baseline = window.colors[self.target.other]
@@ -75,7 +76,8 @@ class Traffic:
             self._unread(exc)
             return None
         window = self.since.update(now.started_at, now.colors[self.target])
-        self.verdict = judge(window, self.baseline, self.settings, color=self.target)
+        self.verdict = judge(window, self.baseline, self.settings, color=self.target,
+                             moment=self.moment)
         return self.verdict
 
     def _unread(self, exc: Exception) -> None:
@@ -105,9 +107,10 @@ class Traffic:
             "unread_looks": self.unread_looks}
         if self.since is not None and self.baseline is not None:
             record["colors"] = {
-                self.target.value: {"window": "since the switch", **self.since.last.summary()},
+                self.target.value: {"window": f"since {self.moment}",
+                                    **self.since.last.summary()},
                 self.target.other.value: {
-                    "window": f"{self.baseline_seconds:g} s before the switch",
+                    "window": f"{self.baseline_seconds:g} s before {self.moment}",
                     **self.baseline.summary()}}
         return record
 

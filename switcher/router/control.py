@@ -26,9 +26,47 @@ line; a connection may carry several requests in turn. Peers other than root or 
     ← {"ok": true, "fallback": null}
     → {"cmd": "reload"}
     ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
+    → {"cmd": "canary", "canary": {"color": "green", "percent": 10, "step": 1,
+                                    "seed": "<deploy id>"}}
+    ← {"ok": true, "canary": {"color": "green", "percent": 10, "step": 1, "seed": "..."}}
+    → {"cmd": "canary", "canary": null}
+    ← {"ok": true, "canary": null}
+    → {"cmd": "preview", "color": "green", "token": "<16-128 of A-Za-z0-9_->"}
+    ← {"ok": true, "preview": "green"}
+    → {"cmd": "preview", "color": null}
+    ← {"ok": true, "preview": null}
+    → {"cmd": "pause", "max_wait": 5.0}
+    ← {"ok": true, "paused_until": 1790000005.0}
+    → {"cmd": "resume"}
+    ← {"ok": true, "released": 3}
     → anything else
-    ← {"ok": false, "error": "unknown cmd 'foo'; one of: figures, fallback, reload, status,
-       switch"}
+    ← {"ok": false, "error": "unknown cmd 'foo'; one of: canary, figures, fallback, pause,
+       preview, reload, resume, status, switch"}
+
+``status`` also carries ``"canary": {...} | null`` (the split in effect), ``"preview":
+"green" | null`` (never the token) and ``"paused": {"until": <epoch>, "held": N} | null``.
+
+``canary``: from its answer on, a client whose key (:func:`switcher.router.split.client_key`:
+http per request, the peer or the X-Forwarded-For hop a trusted proxy saw; tcp per
+connection, the peer) hashes below ``percent × 100`` of ``model.CANARY_BUCKETS``
+(:mod:`switcher.router.split`: blake2b keyed by ``seed``) goes to ``color``, every other
+client to the serving color. Refused when ``color`` is the serving color or has no address,
+or ``percent`` is outside 1-99. A ``switch`` ends it (and the preview); a reload or a
+restart reads it from ``state.json`` again. A refused connect to the canary color falls back
+to the serving color (counted ``refused`` against the canary color).
+
+``preview`` (http mode only): a request carrying ``Alive-Switch-Preview: <token>`` (exact,
+compared in constant time) goes to ``color``; the header is removed from every request
+before forwarding. The token is kept in memory only (a restart drops it) and never appears
+in a reply, an error or a log line: no error of this command repeats a value it was sent.
+
+``pause`` (``max_wait`` above 0, at most 3600 s; refused "already paused until …" while
+paused): http mode holds every request whose head is complete (in-flight ones finish) until
+``resume`` sends them on, or until ``paused_until``, when each is answered 503 with
+``Retry-After: 1`` (counted for no color: it never reached one). tcp mode stops accepting:
+new connections wait in the listening socket's backlog until ``resume`` or
+``paused_until``. ``resume`` is refused "not paused" when not paused. A pause outlives a
+router restart through ``pause.json`` (:mod:`switcher.router.server`).
 
 FIGURES is one color's account (:class:`switcher.router.tally.Tally`):
 
@@ -76,8 +114,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from switcher.errors import SwitchError
-from switcher.model import Color, Fallback
+from switcher.model import Canary, Color, Fallback
 from switcher.router.activation import log
+from switcher.router.split import TOKEN
 
 # Linux's SO_PEERGROUPS (asm-generic value), which the socket module does not export.
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -111,6 +150,10 @@ class Commands(Protocol):
     def set_fallback(self, fallback: Fallback | None) -> Reply: ...
     def reload(self) -> Reply: ...
     def figures(self, seconds: float) -> Reply: ...
+    def set_canary(self, canary: Canary | None) -> Reply: ...
+    def set_preview(self, color: Color | None, token: str) -> Reply: ...
+    def pause(self, max_wait: float) -> Reply: ...
+    def resume(self) -> Reply: ...
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -125,8 +168,17 @@ def dispatch(commands: Commands, line: bytes) -> Reply:
     except (BadRequestError, SwitchError) as e:
         return {"ok": False, "error": str(e)}
     except Exception as e:
-        log("err", f"control request {line[:200]!r} failed: {e!r}")
+        # The command's name only: a preview request carries its token.
+        log("err", f"control request {_cmd_of(line)!r} failed: {e!r}")
         return {"ok": False, "error": f"internal error: {e!r}"}
+
+
+def _cmd_of(line: bytes) -> object:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    return message.get("cmd") if isinstance(message, dict) else None
 
 
 def _handler(message: object) -> Callable[[Commands, dict[str, Any]], Reply]:
@@ -167,10 +219,48 @@ def _figures(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.figures(float(seconds))
 
 
+def _set_canary(commands: Commands, message: dict[str, Any]) -> Reply:
+    if "canary" not in message:
+        raise BadRequestError(f'"canary" is required: null or {CANARY_SHAPE}')
+    return commands.set_canary(_canary(message["canary"]))
+
+
+def _set_preview(commands: Commands, message: dict[str, Any]) -> Reply:
+    """No error here names a value the request carried: it may be the token."""
+    if "color" not in message:
+        raise BadRequestError('preview: "color" is required: a color, or null for none')
+    color = message["color"]
+    if color is None:
+        return commands.set_preview(None, "")
+    if not isinstance(color, str) or color not in Color.__members__:
+        raise BadRequestError(f"preview.color: expected one of {', '.join(Color)} or null")
+    token = message.get("token")
+    if not isinstance(token, str) or TOKEN.fullmatch(token) is None:
+        raise BadRequestError("preview.token: expected 16-128 characters of A-Za-z0-9_- "
+                              "(the value is not shown)")
+    return commands.set_preview(Color(color), token)
+
+
+def _pause(commands: Commands, message: dict[str, Any]) -> Reply:
+    wait = message.get("max_wait")
+    if not isinstance(wait, int | float) or isinstance(wait, bool) or \
+            not 0 < wait <= MAX_PAUSE:
+        raise BadRequestError(f"max_wait: expected seconds above 0 and at most {MAX_PAUSE}, "
+                              f"got {wait!r}")
+    return commands.pause(float(wait))
+
+
+def _resume(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.resume()
+
+
 HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
     "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
-    "figures": _figures,
+    "figures": _figures, "canary": _set_canary, "preview": _set_preview, "pause": _pause,
+    "resume": _resume,
 }
+CANARY_SHAPE = '{"color": ..., "percent": 1-99, "step": N, "seed": "..."}'
+MAX_PAUSE = 3600  # seconds: a pause is for a migration, not a maintenance window
 
 
 def _color(value: object, name: str) -> Color:
@@ -197,6 +287,25 @@ def _fallback(value: object) -> Fallback | None:
     if until is None:
         raise BadRequestError("fallback.until: expected a Unix time in seconds, got null")
     return Fallback(_color(value["color"], "fallback.color"), until)
+
+
+def _canary(value: object) -> Canary | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"color", "percent", "step", "seed"}:
+        raise BadRequestError(f"canary: expected null or {CANARY_SHAPE}, got {value!r}")
+    percent, step, seed = value["percent"], value["step"], value["seed"]
+    if not _integer(percent) or not 1 <= percent <= 99:
+        raise BadRequestError(f"canary.percent: expected a whole number 1-99, got {percent!r}")
+    if not _integer(step) or step < 1:
+        raise BadRequestError(f"canary.step: expected a whole number from 1, got {step!r}")
+    if not isinstance(seed, str) or not seed:
+        raise BadRequestError(f"canary.seed: expected the deploy's id, got {seed!r}")
+    return Canary(_color(value["color"], "canary.color"), percent, step, seed)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _builds(value: object) -> dict[Color, str | None]:

@@ -2,7 +2,13 @@
 
     Routes ── live ──▶ Backend(color, address)   inflight · total · errors · tally
       │ conns: every client connection admitted (a tcp.Link or an http.proxy.Conn)
-      │ view:  the router's State (active color, fallback window, drain_until)
+      │ view:  the router's State (active color, fallback window, drain_until, canary)
+      │ split: the canary step in effect (a share of clients on another color), or None
+      │ preview: requests with the preview token go to its color, or None
+      │ paused: http requests are held here (``held``) until resume or the pause's end
+
+``plain`` is True when none of split, preview and pause is set: the hot path then reads
+``live`` and nothing else (no hashing, no header looked at twice).
 
 A client connection is handled by the handler of the mode it was accepted in and asks the
 table only what does not depend on the mode: the live color, the fallback after a refused
@@ -28,9 +34,11 @@ import time
 from dataclasses import replace
 from typing import Protocol
 
-from switcher.model import Color, Fallback, RouterSettings, State
+from switcher.errors import UsageError
+from switcher.model import Canary, Color, Fallback, RouterSettings, State
 from switcher.router.activation import log
 from switcher.router.http.pool import Pool
+from switcher.router.split import Preview, Split
 from switcher.router.tally import Failure, Ring, Snapshot, Tally, minus
 
 SWEEP_EVERY = 0.5  # seconds between checks of http timeouts (no per-request timers)
@@ -65,9 +73,10 @@ class Client(Protocol):
         """The color its work in flight is on, if any."""
 
     def check(self, now: float) -> None: ...
-    def leave_idle(self, live: Backend | None) -> None: ...
+    def leave_idle(self, routes: Routes) -> None: ...
     def cut(self) -> None: ...
     def stop(self) -> None: ...
+    def release(self, expired: bool) -> None: ...
 
 
 class Routes:
@@ -82,6 +91,11 @@ class Routes:
         self.conns: set[Client] = set()
         self.view = view
         self.live: Backend | None = None  # where new work goes; None: no live color
+        self.split: Split[Backend] | None = None
+        self.preview: Preview[Backend] | None = None  # memory only: a restart drops it
+        self.paused = False
+        self.held: set[Client] = set()  # connections whose next request waits for resume
+        self.plain = True
         self.serve(view)
         self.stopping = False
         self.idle = asyncio.Event()  # set when stopping and the last connection is gone
@@ -107,6 +121,7 @@ class Routes:
         return True
 
     def gone(self, conn: Client) -> None:
+        self.held.discard(conn)
         if conn in self.conns:
             self.conns.discard(conn)
             if not self.conns and self.stopping:
@@ -131,6 +146,84 @@ class Routes:
         active = view.active
         live = self.backends[active] if active is not None else None
         self.live = live if live is not None and live.address is not None else None
+        self.split = self._split(view.canary)
+        self._plain()
+
+    def _split(self, canary: Canary | None) -> Split[Backend] | None:
+        """The split of ``canary``, if it can apply: a color other than the live one,
+        with an address (else, every client to the live color)."""
+        if canary is None or self.live is None:
+            return None
+        backend = self.backends[canary.color]
+        if backend is self.live or backend.address is None:
+            log("warning", f"canary on {canary.color} ignored: it is the live color or has "
+                           "no address; every client goes to the live color")
+            return None
+        return Split(canary, backend)
+
+    def _plain(self) -> None:
+        self.plain = self.split is None and self.preview is None and not self.paused
+
+    def pick(self, client: bytes) -> Backend | None:
+        """Where new work of this client goes (the live color unless a canary takes it)."""
+        split = self.split
+        if split is not None and split.takes(client):
+            return split.target
+        return self.live
+
+    def other_color(self, color: Color, what: str) -> Backend:
+        """The backend of ``color`` for a canary or a preview: not the live one, with an
+        address; raises UsageError."""
+        if self.live is None:
+            raise UsageError(f"{what}: no live color yet", "deploy first")
+        backend = self.backends[color]
+        if backend is self.live:
+            raise UsageError(f"{what}: {color} is the live color; a {what} needs the other one")
+        if backend.address is None:
+            raise UsageError(f"{what}: {color} has no address in router.json",
+                             "alive-switch install ENV")
+        return backend
+
+    def set_canary(self, canary: Canary | None) -> None:
+        """Send ``canary.percent`` of clients to its color from now on (None: none)."""
+        if canary is not None:
+            self.other_color(canary.color, "canary")
+        self.view = replace(self.view, canary=canary)
+        self.split = self._split(canary)
+        self._plain()
+        # No cut: what a withdrawn canary color has in flight finishes there (the CLI waits
+        # for it before stopping the color); a drain's cut is a switch's business.
+        self._leave_idle()
+
+    def set_preview(self, color: Color | None, token: str) -> None:
+        self.preview = None if color is None else Preview(token, self.other_color(color,
+                                                                                  "preview"))
+        self._plain()
+        self._leave_idle()
+
+    def pause(self) -> None:
+        """Hold every http request whose turn comes from now on (tcp: the router stops
+        accepting instead)."""
+        self.paused = True
+        self._plain()
+
+    def resume(self, expired: bool) -> int:
+        """End the pause: held requests go on (``expired``: are answered 503); returns how
+        many were held."""
+        self.paused = False
+        self._plain()
+        held, self.held = self.held, set()
+        for conn in held:
+            conn.release(expired)
+        return len(held)
+
+    def takes_work(self, backend: Backend) -> bool:
+        """Whether new work may go to ``backend`` (so a connection to it may be kept)."""
+        if backend is self.live:
+            return True
+        split, preview = self.split, self.preview
+        return (split is not None and split.target is backend) or \
+            (preview is not None and preview.target is backend)
 
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> Color | None:
@@ -139,7 +232,10 @@ class Routes:
         before = view.active
         self.serve(replace(view, active=target, fallback=fallback, drain_until=drain_until,
                            builds={**view.builds, **builds},
-                           previous=before if before not in (None, target) else view.previous))
+                           previous=before if before not in (None, target) else view.previous,
+                           canary=None))
+        self.preview = None  # a switch ends a canary and a preview: all clients on target
+        self._plain()
         self.switches += 1
         self._after_change()
         return before
@@ -157,12 +253,15 @@ class Routes:
         self._after_change()
 
     def _after_change(self) -> None:
+        self._leave_idle()
+        self.schedule_cut()
+
+    def _leave_idle(self) -> None:
         for backend in self.backends.values():
-            if backend is not self.live:
+            if not self.takes_work(backend):
                 backend.pool.clear()  # none is used after T0
         for conn in list(self.conns):
-            conn.leave_idle(self.live)
-        self.schedule_cut()
+            conn.leave_idle(self)
 
     def inflight(self, color: Color) -> int:
         return self.backends[color].inflight
@@ -210,7 +309,10 @@ class Routes:
 
     def _cut_draining(self) -> None:
         self.cut_timer = None
-        others = {c for c in Color if c != self.view.active}
+        # A canary or preview color started after this drain began is not draining.
+        keep = {self.view.active} | {b.target.color for b in (self.split, self.preview)
+                                     if b is not None}
+        others = {c for c in Color if c not in keep}
         if cut := self.cut(others):
             log("notice", f"drain time is over: cut {cut} connections on "
                           f"{'/'.join(sorted(others))}")
@@ -227,6 +329,8 @@ class Routes:
     def stop(self) -> None:
         self.stopping = True
         self._clear_pools()
+        if self.held:  # the next router keeps the pause (pause.json); these get 503 now
+            self.resume(expired=True)
         for conn in list(self.conns):
             conn.stop()
 

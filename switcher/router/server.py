@@ -22,7 +22,17 @@
 The view of state: on start the router serves ``State.serving()`` (``active``, or a pending
 target past the switch) with the fallback window and ``drain_until`` of ``state.json`` (or
 ``.prev`` when it does not parse). A ``switch`` command wins over the file until a reload
-or a restart.
+or a restart. The canary of ``state.json`` is kept too, so a router restarted mid-canary keeps
+the share; a preview is memory only.
+
+``pause.json``, the one file the router writes (in the state directory, beside
+``state.json``; temp file, fsync, rename, fsync the directory)::
+
+    {"until": 1790000005.0}   # Unix time the pause ends if no resume comes first
+
+It is written by ``pause`` and removed by ``resume`` or when the pause runs out; a router
+that starts while it names a future time is paused until then (an unreadable or past one
+is removed).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import resource
 import signal
@@ -42,7 +53,7 @@ from typing import Any
 
 from switcher import state as files
 from switcher.errors import NeedsRepairError, SwitchError, UsageError
-from switcher.model import Color, Fallback, Mode, RouterSettings, State
+from switcher.model import Canary, Color, Fallback, Mode, RouterSettings, State, canary_json
 from switcher.router import metrics, tcp
 from switcher.router.activation import Notifier, log
 from switcher.router.control import ControlServer, ControlSocketError, open_control
@@ -53,6 +64,7 @@ from switcher.router.routes import Routes
 from switcher.router.tally import RECENT_SECONDS, RING_SECONDS, Snapshot, figures_json
 
 STATUS_EVERY = 1.0  # seconds between STATUS= checks (each update costs PID 1 ~0.1 ms)
+PAUSE_FILE = "pause.json"  # the one file the router writes (see the module docstring)
 
 
 class SettingsError(UsageError):
@@ -81,7 +93,7 @@ def load_view(env_dir: Path) -> tuple[State, str]:
                                f"alive-switch repair {env_dir.name.rpartition('-')[2]}")
     view = State(active=saved.serving(), previous=saved.previous, builds=dict(saved.builds),
                  fallback=saved.fallback, drain_until=saved.drain_until,
-                 deploy_id=saved.deploy_id, updated=saved.updated)
+                 deploy_id=saved.deploy_id, updated=saved.updated, canary=saved.canary)
     return view, source
 
 
@@ -134,6 +146,8 @@ class Router:
         self.metrics_problem = ""
         self.started_at = time.time()  # a restarted router counts from zero again
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.paused_until: float | None = None
+        self.pause_timer: asyncio.TimerHandle | None = None
 
     def _handler(self, settings: RouterSettings) -> Callable[[], asyncio.Protocol]:
         """What handles a connection accepted from now on: the mode is decided here, once
@@ -158,9 +172,9 @@ class Router:
     async def startup(self) -> None:
         _raise_nofile_limit()
         listening = ", ".join(_address(s) for s in self.sockets)
-        for sock in self.sockets:
-            self.servers.append(await self.loop.create_server(
-                self._connection, sock=sock, backlog=self.settings.backlog))
+        self._restore_pause()
+        if not (self.paused_until is not None and self.settings.mode is Mode.tcp):
+            await self._accept()
         try:
             self.control = await open_control(self.settings.control_socket,
                                               self.settings.control_group, self)
@@ -224,6 +238,24 @@ class Router:
             self.metrics.close()
         log("info", "stopped")
 
+    async def _accept(self) -> None:
+        for sock in self.sockets:
+            self.servers.append(await self.loop.create_server(
+                self._connection, sock=sock, backlog=self.settings.backlog))
+        if self.paused_until is not None and self.settings.mode is Mode.tcp:
+            self._stop_accepting()  # paused again while this ran
+
+    def _stop_accepting(self) -> None:
+        """tcp pause: close our servers, each on a copy of its socket kept open, so the
+        socket keeps listening and new connections wait in its backlog (never shutdown():
+        that would stop it for systemd too)."""
+        if not self.servers:
+            return
+        self.sockets = [sock.dup() for sock in self.sockets]
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
     async def _open_metrics(self) -> None:
         address = self.settings.metrics
         if not address:
@@ -272,6 +304,11 @@ class Router:
             "allocated_blocks": sys.getallocatedblocks(),  # flat under load: benchmarks/
             "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),
             "recent": self._recent(),
+            "canary": canary_json(split.canary) if (split := self.routes.split) else None,
+            "preview": _name(preview.target.color) if (preview := self.routes.preview)
+            else None,
+            "paused": None if self.paused_until is None else
+            {"until": self.paused_until, "held": len(self.routes.held)},
         }
 
     def _recent(self) -> dict[str, Any]:
@@ -291,7 +328,8 @@ class Router:
         live = routes.live
         builds = self.view.builds
         return metrics.render(Metrics(
-            env=self.settings.env, canary_percent=0, switches=routes.switches,
+            env=self.settings.env, switches=routes.switches,
+            canary_percent=routes.split.canary.percent if routes.split is not None else 0,
             connections=routes.accepted,
             colors=[ColorMetrics(c.value, snap, routes.inflight(c), live is not None and
                                  live.color is c, builds.get(c) or "")
@@ -315,6 +353,100 @@ class Router:
         self.routes.set_fallback(fallback)
         log("info", f"fallback window: {_fallback_json(fallback)}")
         return {"ok": True, "fallback": _fallback_json(fallback)}
+
+    def set_canary(self, canary: Canary | None) -> dict[str, Any]:
+        self.routes.set_canary(canary)
+        log("notice", f"canary: {self._canary_text() or 'none, every client to the live color'}")
+        return {"ok": True, "canary": canary_json(canary)}
+
+    def set_preview(self, color: Color | None, token: str) -> dict[str, Any]:
+        if color is not None and self.settings.mode is not Mode.http:
+            raise UsageError(f"preview needs mode = \"http\"; this router is in "
+                             f"{self.settings.mode} mode")
+        self.routes.set_preview(color, token)  # never logged: the token is a secret
+        log("notice", f"preview: requests with the preview token go to {color}" if color
+                      else "preview: off")
+        return {"ok": True, "preview": _name(color)}
+
+    def pause(self, max_wait: float) -> dict[str, Any]:
+        if self.paused_until is not None:
+            raise UsageError(f"already paused until {_clock(self.paused_until)}",
+                             "alive-switch resume ENV")
+        until = time.time() + max_wait
+        path = self.env_dir / PAUSE_FILE
+        try:
+            files.write_atomic(path, json.dumps({"until": until}).encode() + b"\n")
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e}; not paused",
+                             "check the state directory") from None
+        self._pause_until(until)
+        log("notice", f"paused until {_clock(until)} (max_wait {max_wait:g} s)")
+        return {"ok": True, "paused_until": until}
+
+    def resume(self) -> dict[str, Any]:
+        if self.paused_until is None:
+            raise UsageError("not paused")
+        released = self._end_pause(expired=False)
+        log("notice", f"resumed: {released} held requests go on")
+        return {"ok": True, "released": released}
+
+    def _pause_until(self, until: float) -> None:
+        self.paused_until = until
+        self.routes.pause()
+        if self.settings.mode is Mode.tcp:
+            self._stop_accepting()
+        self.pause_timer = self.loop.call_later(max(until - time.time(), 0.0),
+                                                self._pause_over)
+
+    def _pause_over(self) -> None:
+        self.pause_timer = None
+        answered = self._end_pause(expired=True)
+        log("notice", f"the pause ran out: {answered} held requests answered 503")
+
+    def _end_pause(self, expired: bool) -> int:
+        if self.pause_timer is not None:
+            self.pause_timer.cancel()
+            self.pause_timer = None
+        self.paused_until = None
+        self._forget_pause()
+        if not self.servers and not self.stopping:
+            self.loop.create_task(self._accept())
+        return self.routes.resume(expired)
+
+    def _restore_pause(self) -> None:
+        """A pause outlives a restart: pause.json holds its end."""
+        path = self.env_dir / PAUSE_FILE
+        try:
+            until = float(files.read_json(path)["until"])
+        except FileNotFoundError:
+            return
+        except (*files.UNREADABLE, TypeError) as e:
+            log("warning", f"{path} is unreadable ({e!r}): not paused")
+            self._forget_pause()
+            return
+        if until <= time.time():
+            self._forget_pause()
+            return
+        self._pause_until(until)
+        log("notice", f"still paused until {_clock(until)} ({path})")
+
+    def _forget_pause(self) -> None:
+        path = self.env_dir / PAUSE_FILE
+        try:
+            path.unlink()
+            files.fsync_dir(path.parent)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning", f"cannot remove {path}: {e}; a restarted router would pause again "
+                           "until its time")
+
+    def _canary_text(self) -> str:
+        split = self.routes.split
+        if split is None:
+            return ""
+        canary = split.canary
+        return f"canary {canary.percent}% of clients on {canary.color} (step {canary.step})"
 
     def reload(self) -> dict[str, Any]:
         """Re-read router.json and state.json; all or nothing. A new mode applies to the
@@ -348,7 +480,13 @@ class Router:
             build = self.view.builds.get(live)
             parts = [f"serving {live} (build {build})" if build else f"serving {live}"]
         parts += [f"{c} draining {routes.inflight(c)}"
-                  for c in Color if c != live and routes.inflight(c)]
+                  for c in Color if c != live and routes.inflight(c)
+                  and (routes.split is None or routes.split.target.color is not c)]
+        if canary := self._canary_text():
+            parts.append(canary)
+        if self.paused_until is not None:
+            parts.append(f"paused until {_clock(self.paused_until)} "
+                         f"({len(routes.held)} held)")
         parts += [problem for problem in (self.control_problem, self.metrics_problem)
                   if problem]
         return " · ".join(parts)
@@ -361,6 +499,10 @@ class Router:
         # Fed from the event loop: a stuck loop stops the pings and systemd restarts us.
         self.notifier.send("WATCHDOG=1")
         self.loop.call_later(interval, self._tick_watchdog, interval)
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 def _per_color(figures: Iterable[tuple[Color, Snapshot]]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ Each side writes what it reads straight into the other side's transport: asyncio
 not streams, so a chunk costs one callback and one ``write``. Flow control: when one side's
 write buffer is full, the other side stops reading until it drains. Half-close: EOF from one
 side becomes ``write_eof`` on the other, and both close once both directions have ended.
-Until the color accepts, the client's first bytes are held back: nothing has gone upstream,
-so a refused connection can still be sent to the fallback color.
+A running canary step picks the color per connection by the client's address
+(:meth:`.routes.Routes.pick`). Until the color accepts, the client's first bytes are held
+back: nothing has gone upstream, so a refused connection can still be sent to the fallback
+color (a canary color that refuses falls back to the live one).
 
 Both uvloop and asyncio set TCP_NODELAY on every TCP transport they create or accept.
 A Link never writes a byte of its own into the stream: a client turned away (no live color,
@@ -58,7 +60,7 @@ class Link(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         routes = self.routes
-        live = routes.live
+        live = routes.live if routes.split is None else routes.pick(_peer(transport))
         if live is None or not routes.accept(self):
             self.close()  # no live color yet, or too many connections
             return
@@ -108,11 +110,14 @@ class Link(asyncio.Protocol):
     def check(self, now: float) -> None:
         pass  # no timeouts in tcp mode
 
-    def leave_idle(self, live: Backend | None) -> None:
+    def leave_idle(self, routes: Routes) -> None:
         pass  # a connection stays with its color until it ends or its drain time is over
 
     def stop(self) -> None:
         pass  # open connections finish, for restart_drain
+
+    def release(self, expired: bool) -> None:
+        pass  # tcp mode pauses by not accepting: no connection is ever held
 
     def cut(self) -> None:
         self.close(abort=True)
@@ -261,6 +266,16 @@ class Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.link.resume_client()
+
+
+def _peer(transport: asyncio.BaseTransport) -> bytes:
+    """The client's key for a canary split: its address (an IPv4 one as a v4-mapped IPv6
+    peer shows it, written as IPv4, the same key either way)."""
+    peer = transport.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) else ""
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host.encode()
 
 
 def _close(transport: asyncio.Transport, abort: bool) -> None:

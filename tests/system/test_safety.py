@@ -30,8 +30,10 @@ from tests.system.sandbox import Sandbox
 
 pytestmark = pytest.mark.system
 LISTEN, BLUE, GREEN, ELSEWHERE, S_LISTEN, S_BLUE, S_GREEN = port_block(__name__, 7)
-PHASES = ["cancel_timer", "preflight", "start", "health", "pre_switch", "switching",
-          "commit", "watch", "schedule_retire", "post_switch"]
+PHASES = ["cancel_timer", "preflight", "start", "health", "pre_switch", "canary",
+          "canary_step", "switching", "commit", "watch", "schedule_retire", "post_switch"]
+CANARY_PHASES = ("canary", "canary_step")  # a deploy's only: a rollback has no canary
+CANARY = "\n[env.prod.canary]\nsteps = [50]\nstep_seconds = 0.3\n"
 
 
 def stage_tables(env: Env) -> str:
@@ -235,10 +237,11 @@ def test_one_deploy_at_a_time(env: Env) -> None:
 
 @pytest.mark.parametrize("command", ["deploy", "rollback"])
 def test_killed_in_every_phase_keeps_serving_and_recovers(env: Env, command: str) -> None:
-    configure(env, watch=0.5)
+    configure(env, watch=0.5, also=stage_tables(env) + CANARY)
+    phases = [p for p in PHASES if command == "deploy" or p not in CANARY_PHASES]
     with Load(LISTEN, threads=2) as load:
         load.wait_requests(50)
-        for phase in PHASES:
+        for phase in phases:
             args = ["deploy", "prod", other_good(env)] if command == "deploy" else [
                 "rollback", "prod"]
             if command == "rollback" and env.status_json()["previous"] is None:
@@ -247,17 +250,18 @@ def test_killed_in_every_phase_keeps_serving_and_recovers(env: Env, command: str
             kill_frozen(proc, pid)
             info = env.status_json()
             # The intent is written inside `start`; from `health` to the switch it is pending.
-            if phase in ("health", "pre_switch", "switching"):
+            if phase in ("health", "pre_switch", *CANARY_PHASES, "switching"):
                 assert info["pending"] is not None, (phase, info)
-                assert "interrupted" in env.ok("status", "prod")
+                shown = env.ok("status", "prod")
+                assert "interrupted" in shown or "canary: 50 % of clients" in shown, shown
             load.wait_requests(20)
             out = env.ok(*args) if phase in ("cancel_timer", "preflight", "start", "health",
-                                            "pre_switch") else env.ok("deploy", "prod",
-                                                                      other_good(env))
+                                            "pre_switch", *CANARY_PHASES) else env.ok(
+                "deploy", "prod", other_good(env))
             assert env.status_json()["pending"] is None, (phase, out)
             assert build_on(LISTEN) == env.status_json()["live_build"]
         tally = load.stop()
-    print(f"\nkilled {command} in each of {len(PHASES)} phases: {tally.summary()}")
+    print(f"\nkilled {command} in each of {len(phases)} phases: {tally.summary()}")
     assert tally.failed == 0, tally.examples
 
 

@@ -95,3 +95,16 @@ def test_the_pool_line_says_its_bounds_and_what_waits() -> None:
                         "(idle now: blue 5, green 0)")
     off = status.render_table(info(router={**info()["router"], "pool": {**pool, "size": 0}}))
     assert off[2] == "  pool: off (a connection to a color per client connection)"
+
+
+def test_a_canary_and_a_pause_are_shown() -> None:
+    router = {**info()["router"], "paused": {"until": time.time() + 20.2, "held": 7}}
+    lines = status.render_table(info(
+        canary={"color": "green", "percent": 10, "step": 1},
+        pending={"target": "green", "phase": "start", "deploy_id": "d", "build": "b2"},
+        router=router))
+    assert ("  canary: 10 % of clients on green (step 1); if no deploy runs it any more, the "
+            "next command sends them back") in lines
+    assert not any("interrupted" in line for line in lines), "a canary says what it is"
+    assert "  paused: 7 requests held until alive-switch resume production, at most 20 s more" \
+        in lines

@@ -16,6 +16,15 @@ Every refused request is answered and the connection closed; it is never forward
 head goes upstream only after the whole chunk it arrived in has parsed cleanly). The rules
 are :mod:`.request`'s, the response framing :mod:`.response`'s, the bytes :mod:`.wire`'s.
 
+A running canary step sends a request to the canary color when its client's key (the peer,
+or behind a trusted proxy the X-Forwarded-For hop it saw: :func:`.split.client_key`) falls
+in the step's share; a request carrying the preview token goes to the preview color. The
+fast path never sees either (it takes no X-Forwarded-* or Alive-Switch-Preview header, so
+its client is the peer): while one is set, or a pause is, its requests are steered by
+``_pump`` (``Routes.plain`` is the one check the hot path pays). A paused router holds a
+request whose head is complete until ``resume`` (then it goes on) or the pause's end (then
+503 with ``Retry-After: 1``).
+
 A color that refuses the connection (nothing sent yet) is replaced by the fallback color
 of DESIGN.md, the previous live color inside its window and never a color in its health
 gate; failing that, 502. A connection the color closed before answering a byte of a
@@ -68,6 +77,7 @@ from switcher.router.http.wire import (
     HEADERS_TOO_LARGE,
     MAX_REQUEST_LINE,
     NO_LIVE_COLOR,
+    PAUSED,
     PLAIN,
     REQUEST_TIMEOUT,
     RESPONSE_TIMEOUT,
@@ -78,6 +88,7 @@ from switcher.router.http.wire import (
     forwarding,
 )
 from switcher.router.routes import Backend, Routes
+from switcher.router.split import client_key
 from switcher.router.tally import Failure
 
 # Client bytes held while no color can take them (connecting, or before an Upgrade's 101).
@@ -100,7 +111,7 @@ class Conn(RequestReader, asyncio.Protocol):
         "backend", "client_eof", "client_full", "closing", "connecting", "dead", "fresh", "fwd",
         "fwd_end", "held", "held_size", "limits", "lingering", "parser", "paused", "peer",
         "queue", "routes", "stopping", "transport", "trusted", "tunnel", "up", "up_full",
-        "upgrading",
+        "upgrading", "waiting",
     )
 
     def __init__(self, routes: Routes, limits: Limits) -> None:
@@ -125,6 +136,7 @@ class Conn(RequestReader, asyncio.Protocol):
         self.peer = ""
         self.trusted = False
         self.fwd = self.fwd_end = b""
+        self.waiting = False  # its next request is held by a pause
 
     # -- the client's transport --------------------------------------------------------------
 
@@ -212,7 +224,9 @@ class Conn(RequestReader, asyncio.Protocol):
         req.head = head = data[:-2] + self.fwd_end
         req.began = self.since = _now()  # response_timeout and the duration run from here
         self.queue.append(req)
-        up, backend = self.up, self.routes.live
+        routes = self.routes
+        up = self.up
+        backend = routes.live if routes.plain else None  # else: _pump steers it
         if up is not None and backend is not None and up.backend is backend and \
                 not up.eof and up.transport is not None and not self.paused:
             # Kept alive to the live color: straight there (what _pump would do, for less).
@@ -273,6 +287,8 @@ class Conn(RequestReader, asyncio.Protocol):
                 self._answer(req.canned)
                 return
             if self.backend is None:
+                if not self.routes.plain and self._hold_for_pause():
+                    break
                 self._dispatch(req)
                 continue
             up = self.up
@@ -282,8 +298,42 @@ class Conn(RequestReader, asyncio.Protocol):
             break
         self._flow()
 
+    def _hold_for_pause(self) -> bool:
+        routes = self.routes
+        if not routes.paused:
+            return False
+        self.waiting = True
+        routes.held.add(self)
+        return True
+
+    def release(self, expired: bool) -> None:
+        """The pause holding the next request is over: send it on, or (the pause ran out)
+        answer it 503 with Retry-After, uncounted: it never reached a color."""
+        self.waiting = False
+        if self.closing or not self.queue:
+            return
+        req = self.queue[0]
+        if expired:
+            req.canned = PAUSED
+        else:
+            # Its timeouts and its duration run from now: a pause longer than
+            # response_timeout must not turn into a 504, nor count as the color's slowness.
+            req.began = self.since = _now()
+        self._pump()
+
+    def _steer(self, req: Request) -> Backend | None:
+        """Where a request goes while a canary or a preview is set."""
+        routes = self.routes
+        preview = routes.preview
+        if preview is not None and preview.matches(req.preview):
+            return preview.target
+        if routes.split is None:
+            return routes.live
+        return routes.pick(client_key(self.peer, req.xff, self.limits.trusts))
+
     def _dispatch(self, req: Request) -> None:
-        backend = self.routes.live
+        routes = self.routes
+        backend = routes.live if routes.plain else self._steer(req)
         if backend is None or backend.address is None:
             req.canned = NO_LIVE_COLOR
             return
@@ -360,16 +410,18 @@ class Conn(RequestReader, asyncio.Protocol):
             backend.tally.answered(up.status, now - req.began)
             self.backend = None
         up.request = None
+        routes = self.routes
+        current = up.backend is routes.live or (not routes.plain and
+                                                routes.takes_work(up.backend))
         if up.keep and req.done and req.keep_alive and not up.close_client and \
-                not self.queue and up.backend is self.routes.live and \
-                not (self.stopping or self.client_eof):
+                not self.queue and current and not (self.stopping or self.client_eof):
             # The usual end: both connections stay, nothing waits (no need for _pump).
             self.since = now
             self.fresh = False
             if self.paused:
                 self._flow()
             return
-        if not (up.keep and req.done and up.backend is self.routes.live):
+        if not (up.keep and req.done and current):
             # Not reusable, or the color is no longer live: its connection ends here.
             self.up = None
             up.close()
@@ -451,8 +503,8 @@ class Conn(RequestReader, asyncio.Protocol):
     def check(self, now: float) -> None:
         """Apply the timeouts (called by the router's sweep): header_timeout and
         idle_timeout between requests, body_timeout and response_timeout in flight."""
-        if self.closing or self.tunnel:
-            return
+        if self.closing or self.tunnel or self.waiting:
+            return  # (held by a pause: its end answers it)
         if self.backend is not None:
             self._check_in_flight(now)
             return
@@ -490,10 +542,11 @@ class Conn(RequestReader, asyncio.Protocol):
             backend.failed(Failure.timeout)
             self._fail(RESPONSE_TIMEOUT)
 
-    def leave_idle(self, live: Backend | None) -> None:
-        """After a switch: end an idle connection to a color that is no longer live."""
+    def leave_idle(self, routes: Routes) -> None:
+        """After a switch (or a canary or preview change): end an idle connection to a
+        color that takes no new work."""
         up = self.up
-        if up is not None and self.backend is None and up.backend is not live:
+        if up is not None and self.backend is None and not routes.takes_work(up.backend):
             self.up = None
             up.close()
 
@@ -692,10 +745,10 @@ class Upstream(ResponseReader, asyncio.Protocol):
 
     def release(self, abort: bool = False) -> None:
         """Its client connection ends: to the pool if it may carry another client's request
-        (its last response whole and kept alive, the color live), else closed."""
+        (its last response whole and kept alive, its color taking new work), else closed."""
         conn = self.conn
         if abort or not self.keep or not self.done or self.request is not None or self.eof \
-                or self.buf or self.backend is not conn.routes.live or conn.routes.stopping:
+                or self.buf or conn.routes.stopping or not conn.routes.takes_work(self.backend):
             self.close(abort)
             return
         # conn.since is no later than the end of the last response (when the color's

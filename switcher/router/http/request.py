@@ -23,7 +23,9 @@ ends the client's connection, not the one to the color); chunked bodies are re-c
 ``Forwarded`` are added; incoming ones are kept (and appended to) only from
 ``trusted_proxies``, else replaced; from any other peer, every header whose name
 normalizes (case, ``_`` for ``-``) to ``X-Forwarded-*``, ``Forwarded`` or ``X-Real-IP`` is
-dropped.
+dropped. ``Alive-Switch-Preview`` is never forwarded, whatever its value: its value is kept
+on the request (``preview``) for the router to compare with the preview token, as is a
+trusted peer's incoming ``X-Forwarded-For`` (``xff``) for a canary's client key.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from switcher.router.http.wire import (
     METHOD_NOT_ALLOWED,
     NOT_UPGRADED,
     PLAIN,
+    PREVIEW,
     REQUEST_LENGTHS,
     REQUEST_WATCH,
     SEP,
@@ -141,6 +144,8 @@ class Request:
     head = b""  # as sent upstream: a bodiless request may be sent again
     received = 0  # chunked: body bytes read so far
     framing = 0  # chunked: bytes of chunk framing read so far (roughly: see Conn)
+    preview: bytes | None = None  # its Alive-Switch-Preview value (b"": sent twice)
+    xff: bytes | None = None  # a trusted peer's incoming X-Forwarded-For
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
@@ -151,8 +156,8 @@ class RequestReader:
     request's head is read, checked and rebuilt into a :class:`Request` on ``queue``."""
 
     __slots__ = ("begun", "chunk", "hdrs", "head_bytes", "head_chunks", "hosts", "in_head",
-                 "length", "line", "req", "since", "te", "tokens", "upgrade", "url", "xff", "xfp",
-                 "xfwd")
+                 "length", "line", "preview", "req", "since", "te", "tokens", "upgrade", "url",
+                 "xff", "xfp", "xfwd")
 
     # Set by the connection.
     limits: Limits
@@ -175,6 +180,7 @@ class RequestReader:
         self.xff: bytes | None = None
         self.xfp: bytes | None = None
         self.xfwd: bytes | None = None
+        self.preview: bytes | None = None
         self.head_bytes = 0  # exact: request line and header fields seen so far
         self.head_chunks = 0  # whole chunks read while a head was still incomplete
         self.begun = 0  # requests begun on this connection
@@ -205,6 +211,7 @@ class RequestReader:
         self.hdrs = []
         self.hosts = 0
         self.length = self.te = self.tokens = self.xff = self.xfp = self.xfwd = None
+        self.preview = None
         self.head_bytes = self.head_chunks = 0
         self.in_head = True
         self.line = self.chunk
@@ -254,6 +261,8 @@ class RequestReader:
             self.xfp = value
         elif key == b"forwarded":
             self.xfwd = value if self.xfwd is None else self.xfwd + b", " + value
+        elif key == PREVIEW:
+            self.preview = value if self.preview is None else b""  # twice: matches nothing
         # keep-alive, proxy-connection, te: hop by hop, dropped
 
     def on_headers_complete(self) -> None:
@@ -297,6 +306,14 @@ class RequestReader:
         req.head = head = b"".join(hdrs)
         req.out.append(head)
         req.ready = True
+        self._keep_for_routing(req)
+
+    def _keep_for_routing(self, req: Request) -> None:
+        """What a canary or preview may steer the request by (read only when one is set)."""
+        if self.preview is not None:
+            req.preview = self.preview
+        if self.trusted and self.xff is not None:
+            req.xff = self.xff
 
     def _check_line(self) -> None:
         raw, self.line = cast(bytes, self.line), None
