@@ -208,13 +208,13 @@ def response(sock: socket.socket) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
-def get(port: int, path: str = "/", method: str = "GET") -> tuple[int, bytes]:
+def get(port: int, path: str = "/", method: str = "GET", extra: bytes = b"") -> tuple[int, bytes]:
     """One request on a new connection that asks to close after it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         body = b"x" if method == "POST" else b""
-        sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\nConnection: close\r\n%s"
                      b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(),
-                                                       len(body), body))
+                                                       extra, len(body), body))
         return response(sock)
 
 
@@ -435,3 +435,21 @@ def test_the_drain_still_waits_for_a_request_in_flight(
     # Answered after T0: its connection closes instead of waiting for a client.
     wait_for(lambda: colors[Color.blue].open_count == 0, what="blue's connection closed")
     assert r.pooled(Color.blue) == 0
+
+
+def test_a_preview_colors_connections_are_pooled_until_the_preview_ends(
+        start: Callable[..., InProcessRouter], colors: dict[Color, Color_]) -> None:
+    """A color that takes new work without being live (preview, canary) keeps its idle
+    connections; when it stops taking work they close at once, as after a switch."""
+    r = start(pool_size=8, pool_idle=30.0)
+    r.call(r.routes.set_preview, Color.green, "t0ken")
+    for _ in range(5):
+        assert get(r.port, extra=b"Alive-Switch-Preview: t0ken\r\n") == (200, b"green")
+    assert get(r.port) == (200, b"blue")
+    assert colors[Color.green].connections == 1
+    assert r.pooled(Color.green) == 1
+    r.call(r.routes.set_preview, None, "")
+    wait_for(lambda: colors[Color.green].open_count == 0, timeout=1.0,
+             what="green's idle connection closed")
+    assert r.pooled(Color.green) == 0
+    assert get(r.port, extra=b"Alive-Switch-Preview: t0ken\r\n") == (200, b"blue")
