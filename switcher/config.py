@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from switcher.errors import ConfigError
-from switcher.model import FIGURES_RING_SECONDS, Color, Mode
+from switcher.model import FIGURES_RING_SECONDS, Color, Mode, steered_address
 
 DEFAULT_PATH = "/etc/alive-switch/alive-switch.toml"
 ENV_VAR = "ALIVE_SWITCH_CONFIG"
@@ -169,6 +169,12 @@ class Environment:
     @property
     def mode(self) -> Mode:
         return Mode(self.router.mode)
+
+    @property
+    def standby_applied(self) -> float:
+        """Direct mode keeps no standby: a running old color would keep its keep-alive
+        clients (they are never re-steered), so it retires at T0 + max(drain, watch)."""
+        return 0.0 if self.mode is Mode.direct else self.standby
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -388,6 +394,8 @@ def _validate_env(path: str, env: Environment) -> None:
     if env.router.metrics:
         _validate_metrics(path, f"{key}.router.metrics", env)
     _validate_enums(path, key, env)
+    if env.mode is Mode.direct:
+        _validate_direct(path, key, env)
     _validate_strings(path, key, env)
     if env.environment_file:
         _validate_secret_file(path, f"{key}.environment_file", env.environment_file)
@@ -588,6 +596,25 @@ def _validate_enums(path: str, key: str, env: Environment) -> None:
             raise ConfigError(path, f"{key}.router.tunnels", f"{tunnel!r} cannot be tunnelled",
                               "list Upgrade protocols such as \"websocket\", or \"connect\" to "
                               "allow CONNECT (h2c never: it would bypass every request rule)")
+
+
+DIRECT_NO_CANARY = ("direct mode cannot send a share of clients to the new color (the "
+                    "kernel steers every new connection to one listener)")
+DIRECT_NO_CANARY_FIX = 'use mode = "http" or "tcp" for canary steps, or deploy without them'
+
+
+def _validate_direct(path: str, key: str, env: Environment) -> None:
+    """The kernel can steer only connections the colors' own listeners would accept; and
+    it steers all of them to one color, so no canary."""
+    if env.canary.steps:
+        raise ConfigError(path, f"{key}.canary.steps", f"{env.canary.steps!r}: "
+                          f"{DIRECT_NO_CANARY}", DIRECT_NO_CANARY_FIX)
+    public = env.listen_address.rpartition(":")[0] if ":" in env.listen_address else ""
+    if steered_address(public, env.host) is None:
+        raise ConfigError(path, f"{key}.router.mode", f"direct mode cannot steer connections "
+                          f"for {env.listen_address} to colors bound to {env.host}",
+                          f"listen on {env.host} (or a wildcard address), or use "
+                          'mode = "tcp"')
 
 
 def _validate_strings(path: str, key: str, env: Environment) -> None:

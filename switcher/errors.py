@@ -9,7 +9,9 @@
     ├── SwitchedBackError (5)     switched, then switched back during `watch`
     ├── NeedsRepairError (6)      state.json unreadable or inconsistent: run `repair`
     ├── SystemdError (1)          a systemctl call failed; carries a journalctl hint
-    └── RouterError (1)           the router's control socket failed or refused a command
+    ├── RouterError (1)           the router's control socket failed or refused a command
+    └── SteerError (1)            direct mode: the kernel refused the BPF program or a map
+                                  update, or a color's listener cannot be found or copied
 """
 
 from __future__ import annotations
@@ -60,4 +62,8 @@ class SystemdError(SwitchError):
 
 
 class RouterError(SwitchError):
+    exit_code = 1
+
+
+class SteerError(SwitchError):
     exit_code = 1

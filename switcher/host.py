@@ -49,6 +49,18 @@ def listening_sockets(port: int) -> dict[int, set[int]]:
     return sockets
 
 
+def listen_backlog(port: int) -> int | None:
+    """The smallest accept-queue limit of the sockets listening on ``port`` (``ss`` shows a
+    listener's backlog as its Send-Q), or None when nothing listens there."""
+    try:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                             text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    limits = [int(line.split()[2]) for line in out.splitlines() if len(line.split()) > 2]
+    return min(limits) if limits else None
+
+
 def listeners(port: int) -> list[int]:
     """PIDs (that this namespace can see) holding a socket that listens on ``port``."""
     return sorted({pid for pids in listening_sockets(port).values() for pid in pids})

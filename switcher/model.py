@@ -30,12 +30,14 @@ The router's settings file ``router.json`` (written by ``install``)::
      "header_timeout": 10.0, "idle_timeout": 75.0, "max_header_bytes": 65536,
      "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
      "control_group": "", "body_timeout": 60.0, "response_timeout": 60.0,
-     "tunnels": ["websocket"], "pool_size": 64, "pool_idle": 2.0}
+     "tunnels": ["websocket"], "metrics": "", "health_path": "/api/health",
+     "health_expect": "2xx", "pool_size": 64, "pool_idle": 2.0}
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -62,6 +64,7 @@ class Color(enum.StrEnum):
 class Mode(enum.StrEnum):
     http = "http"
     tcp = "tcp"
+    direct = "direct"  # the kernel steers to the color's own listener; tcp's path as fallback
 
 
 class Phase(enum.StrEnum):
@@ -221,6 +224,28 @@ class State:
         )
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def steered_address(public_host: str, color_host: str) -> tuple[int, str | None] | None:
+    """Direct mode: (IP version, local address or None for any) of the connections to the
+    public socket that may be steered to colors bound to ``color_host`` — only those the
+    color's own listener would accept (a loopback-bound color must not become reachable from
+    outside through a wildcard public socket). None when there are none."""
+    color = ipaddress.ip_address(color_host)
+    public = ipaddress.ip_address(public_host.strip("[]") or "::")
+    if not color.is_unspecified:
+        return (color.version, str(color)) if public in (color, _any(public)) else None
+    if public.is_unspecified:
+        return color.version, None
+    return (color.version, str(public)) if public.version == color.version else None
+
+
+def _any(address: IPAddress) -> IPAddress:
+    """The wildcard address of ``address``'s family."""
+    return ipaddress.ip_address("0.0.0.0" if address.version == 4 else "::")
+
+
 def _color(value: object) -> Color | None:
     return None if value is None else Color(str(value))
 
@@ -244,6 +269,10 @@ class RouterSettings:
     response_timeout: float = 60.0
     tunnels: tuple[str, ...] = ("websocket",)
     metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
+    # Direct mode: how the router probes a color restarted by systemd before it takes the new
+    # listener. health_expect is "2xx" (a class) or codes, "200,204".
+    health_path: str = ""
+    health_expect: str = "2xx"
     pool_size: int = 64  # http: idle keep-alive connections kept per color (0 = off)
     pool_idle: float = 2.0  # http: seconds an idle pooled connection may be reused
 
@@ -258,6 +287,7 @@ class RouterSettings:
             "trusted_proxies": list(self.trusted_proxies), "control_group": self.control_group,
             "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
             "tunnels": list(self.tunnels), "metrics": self.metrics,
+            "health_path": self.health_path, "health_expect": self.health_expect,
             "pool_size": self.pool_size, "pool_idle": self.pool_idle,
         }
 
@@ -277,5 +307,7 @@ class RouterSettings:
             response_timeout=float(raw.get("response_timeout", 60.0)),
             tunnels=tuple(str(t) for t in raw.get("tunnels", ("websocket",))),
             metrics=str(raw.get("metrics", "")),
+            health_path=str(raw.get("health_path", "")),
+            health_expect=str(raw.get("health_expect", "2xx")),
             pool_size=int(raw.get("pool_size", 64)), pool_idle=float(raw.get("pool_idle", 2.0)),
         )

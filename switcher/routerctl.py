@@ -30,6 +30,7 @@ class Router(Protocol):
     def set_preview(self, color: Color | None, token: str = "") -> None: ...
     def pause(self, max_wait: float) -> dict[str, Any]: ...
     def resume(self) -> dict[str, Any]: ...
+    def steer(self, color: Color) -> None: ...
 
 
 def serving(status: dict[str, Any]) -> Color | None:
@@ -136,3 +137,7 @@ class ControlSocket:
 
     def resume(self) -> dict[str, Any]:
         return self._request({"cmd": "resume"}, CONTROL_TIMEOUT)
+
+    def steer(self, color: Color) -> None:
+        """Direct mode: the router takes ``color``'s listener into the kernel's map."""
+        self._request({"cmd": "steer", "color": color.value}, CONTROL_TIMEOUT)

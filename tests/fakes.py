@@ -178,6 +178,9 @@ class FakeRouter:
     canaries: list[Canary | None] = field(default_factory=list)  # every split, in order
     preview: tuple[Color, str] | None = None  # (color, token), until the switch
     paused: dict[str, Any] | None = None  # {"until": …, "held": …} while paused
+    steered: list[Color] = field(default_factory=list)  # direct mode's listeners taken
+    steer_error: str = ""  # set: ``steer`` fails with it
+    direct: dict[str, Any] | None = None  # direct mode's report in ``status``
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         if self.traffic is not None:
@@ -190,12 +193,18 @@ class FakeRouter:
                 "preview": self.preview[0].value if self.preview else None,
                 "inflight": {"blue": 0, "green": 0}, "started_at": self.started_at,
                 "counters": _colors(self.counters),
-                "recent": {"seconds": 60.0, **_colors(self.recent)}}
+                "recent": {"seconds": 60.0, **_colors(self.recent)},
+                **({"direct": self.direct} if self.direct is not None else {})}
 
     def figures(self, seconds: float, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         self.asked_seconds.append(seconds)
         return {"ok": True, "started_at": self.started_at, "seconds": float(seconds),
                 "colors": _colors(self.window)}
+
+    def steer(self, color: Color) -> None:
+        if self.steer_error:
+            raise RouterError(f"router refused 'steer': {self.steer_error}", "journalctl")
+        self.steered.append(color)
 
     def switch(self, target: Color, fallback: Fallback | None,
                drain_until: float | None, builds: dict[Color, str | None]) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from switcher import health, host
+from switcher import health, host, steerprobe
 from switcher.config import Environment
-from switcher.model import Color
+from switcher.model import Color, Mode
 from switcher.names import Names
 from switcher.systemd import Systemd, UnitProps
 
@@ -207,9 +207,34 @@ def live_health(s: Subject) -> Check:
                  "anyway: a sick live color is when a fix must go out")
 
 
+def direct_mode(s: Subject) -> Check:
+    if s.env.mode is not Mode.direct:
+        return Check("direct mode", Level.ok, f"not used (router.mode = {s.env.mode.value!r})")
+    lacking = steerprobe.problems()
+    if lacking:
+        return Check("direct mode", Level.failed, f"this host lacks {'; '.join(lacking)}; "
+                     f'grant it, or set env.{s.env.name}.router.mode = "tcp"')
+    return Check("direct mode", Level.ok, "CAP_BPF, CAP_NET_ADMIN, ptrace access; an "
+                 "sk_lookup program loads and attaches")
+
+
+def direct_backlog(s: Subject) -> Check:
+    """Direct mode: the app's listen backlog is the public one (a warning: it still serves)."""
+    if s.env.mode is not Mode.direct or s.live is None:
+        return Check("backlog", Level.ok, "the router's (not direct mode, or no live color)")
+    backlog = host.listen_backlog(s.env.port(s.live))
+    wanted = s.env.router.backlog
+    if backlog is not None and backlog < wanted:
+        return Check("backlog", Level.warning, f"{s.live} listens with a backlog of {backlog}, "
+                     f"below router.backlog = {wanted}: in direct mode the app's backlog is "
+                     "the public port's; raise it in the app's listen() call")
+    return Check("backlog", Level.ok, f"{s.live} listens with a backlog of {backlog}"
+                 if backlog is not None else f"{s.live} is not listening")
+
+
 CHECKS: list[CheckFn] = [
     units_loaded, socket_held, idle_port_free, metrics_free, colors_not_failed, disk_space, memory,
-    build_ready, user_can_read, live_health,
+    build_ready, user_can_read, live_health, direct_mode, direct_backlog,
 ]
 
 

@@ -4,7 +4,9 @@ health), in DESIGN.md's order, and reconciles what a killed run left behind.
 Timeline of a switch at T0: the old color gets no new work from T0 and may finish what it
 has until T0 + drain; the new color is watched until T0 + watch while the old one keeps
 running; the old color stays the router's fallback (and on standby) until
-T0 + max(drain, watch + standby), when its retire timer stops it.
+T0 + max(drain, watch + standby), when its retire timer stops it. Direct mode: the router
+takes the new color's listener at the health gate's end, and the old color keeps no standby
+(``Environment.standby_applied``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from switcher import health, plan, state
-from switcher.config import Canary
+from switcher.config import DIRECT_NO_CANARY, DIRECT_NO_CANARY_FIX, Canary
 from switcher.errors import (
     AbortedError,
     NeedsRepairError,
@@ -61,6 +63,9 @@ class Deployer(Site):
         chosen = steps or self.env.canary
         if not chosen.steps or the_plan.noop:
             return the_plan
+        if self.env.mode is Mode.direct:
+            raise UsageError(f"--canary: env.{self.env.name}.router.mode = \"direct\": "
+                             f"{DIRECT_NO_CANARY}; nothing was changed", DIRECT_NO_CANARY_FIX)
         if the_plan.old is None:
             self.say("no canary: this is the first deploy, no old color serves clients")
             return the_plan
@@ -188,6 +193,7 @@ class Deployer(Site):
             started = self._start(target, the_plan.build, path, warm=the_plan.warm)
         with phases(Phase.health, limit=self.env.health.timeout):
             self._health_gate(target, started)
+            self._hand_listener(target)
         preview = self._open_preview(target)
         with phases(Phase.pre_switch):
             self._hook("pre_switch", target, the_plan.build, path, abort=True,
@@ -340,6 +346,19 @@ class Deployer(Site):
             self.stop_quietly(target)
             raise AbortedError(f"{target} {problem}; {target} stopped, the live color still "
                                "serves", self.journal_hint(target))
+
+    def _hand_listener(self, target: Color) -> None:
+        """Direct mode: the router puts the healthy color's listener in the kernel's map now,
+        so the switch is only a map update."""
+        if self.env.mode is not Mode.direct:
+            return
+        try:
+            self.router.steer(target)
+        except RouterError as exc:
+            self.stop_quietly(target)
+            raise AbortedError(f"{target} is healthy but the router cannot steer to it: "
+                               f"{exc.message}; {target} stopped, the live color still serves",
+                               exc.hint) from None
 
     def _still_healthy_process(self, target: Color, started: dict[str, str]) -> None:
         """The process that passed the gate must be the one that gets traffic."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from switcher import host, render, state
+from switcher import host, render, state, steerprobe
 from switcher.config import Config, Environment
 from switcher.errors import UsageError
 from switcher.model import Color, Mode, RouterSettings
@@ -65,8 +65,14 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         trusted_proxies=tuple(env.router.trusted_proxies), control_group=env.control_group,
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
         tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
+        health_path=env.health.path, health_expect=_expect(env.health.expect_status),
         pool_size=env.router.pool_size, pool_idle=env.router.pool_idle,
     )
+
+
+def _expect(status: str | list[int]) -> str:
+    """expect_status as router.json carries it: "2xx" or "200,204"."""
+    return status if isinstance(status, str) else ",".join(str(code) for code in status)
 
 
 def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebind: bool,
@@ -78,6 +84,7 @@ def install(cfg: Config, env: Environment, sd: Systemd, unit_dir: Path, *, rebin
     if not _active(sd, socket_unit):
         _check_port_free(env, socket_unit)
     _check_metrics_free(env, names)
+    _check_direct_mode(env)
     result = InstallResult()
     pending = [rel for rel, text in sorted(files.items())
                if not (unit_dir / rel).exists() or (unit_dir / rel).read_text() != text]
@@ -243,6 +250,18 @@ def _check_metrics_free(env: Environment, names: Names) -> None:
         raise UsageError(f"env.{env.name}.router.metrics {env.router.metrics!r} cannot be "
                          f"listened on: {problem}; nothing was changed",
                          "stop that process or pick another address for router.metrics")
+
+
+def _check_direct_mode(env: Environment) -> None:
+    """A router that cannot steer would serve every connection itself: refuse instead of
+    installing a mode that only half works."""
+    if env.mode is not Mode.direct:
+        return
+    lacking = steerprobe.problems()
+    if lacking:
+        raise UsageError(f"env.{env.name}.router.mode = \"direct\": this host lacks "
+                         f"{'; '.join(lacking)}; nothing was changed",
+                         f'grant it, or set env.{env.name}.router.mode = "tcp"')
 
 
 def ensure_run_dir() -> None:

@@ -30,7 +30,7 @@ from switcher.config import Config, Environment
 from switcher.errors import AbortedError, NeedsRepairError, SwitchError
 from switcher.hooks import HookRun
 from switcher.lock import Lock
-from switcher.model import Color, Fallback, State
+from switcher.model import Color, Fallback, Mode, State
 from switcher.names import RUN_DIR, Names
 from switcher.ops import checks
 from switcher.progress import Plain, Progress
@@ -241,9 +241,10 @@ class Site:
         """Returns a warning, or "" when scheduled (or retired now)."""
         delay = until - self.clock.now() + RETIRE_MARGIN
         name = self.timer(old)
-        if self.env.standby == 0 and delay <= RETIRE_MARGIN:
+        if self.env.standby_applied == 0 and delay <= RETIRE_MARGIN:
             warnings = self.stop_and_check(old)
-            self.say(f"retired {old} (standby = 0)")
+            why = "direct mode: no standby" if self.env.mode is Mode.direct else "standby = 0"
+            self.say(f"retired {old} ({why})")
             return "; ".join(warnings)
         self.sd.cancel(name)
         argv = [*self_command(), "--config", os.path.abspath(self.cfg.path),
@@ -255,7 +256,9 @@ class Site:
                        f"up until `alive-switch retire {self.env.name} {old.value}`")
             self.say(f"warning: {warning}")
             return warning
-        self.say(f"{old} on standby; retires in {delay:.0f} s ({name}.timer)")
+        waits = "finishes its work (direct mode: no standby)" if self.env.mode is Mode.direct \
+            else "on standby"
+        self.say(f"{old} {waits}; retires in {delay:.0f} s ({name}.timer)")
         return ""
 
     def move_boot_enable(self, target: Color) -> None:
@@ -275,7 +278,7 @@ class Site:
     def committed(self, current: State, target: Color, build: str, deploy_id: str,
                    t0: float) -> State:
         old = current.active if current.active != target else None
-        window = max(self.env.drain, self.env.watch + self.env.standby)
+        window = max(self.env.drain, self.env.watch + self.env.standby_applied)
         return current.with_(
             active=target, previous=old if old is not None else current.previous,
             builds={**current.builds, target: build}, pending=None,

@@ -10,6 +10,8 @@
      "router": {"unit": .., "active": "active", "serving": "green", "reachable": true,
                 "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null,
                 "paused": null | {"until": 1790000000.0, "held": 0},
+                "mode": "tcp" | null,
+                "direct": {"families": ["ipv4"], "steering": true, …},   (direct mode only)
                 "pool": null | {"size": 64, "idle_s": 2.0,
                                 "idle": null | {"blue": 0, "green": 5}}},
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
@@ -34,6 +36,9 @@ younger router): answers (responses, failures it saw, tcp connections), how many
 ``canary``: the share of clients a canary step sends to a color that is not live yet, as
 ``state.json`` has it (the running deploy writes it; one that was killed left it for the
 next command to undo). ``paused``: new requests are held until ``resume`` or ``until``.
+``direct``: the router's direct-mode report as its control socket gives it
+(:mod:`switcher.router.control`): the families steered and ``steering``, measured by a probe
+connection that the kernel's program counted (false: connections take the router's path).
 ``pool`` (http mode): the idle connections the router keeps per color for the next client,
 as the running router says (else as configured, ``idle`` null); null in other modes.
 
@@ -137,7 +142,9 @@ def _router(active: str, router: Router, unit: str
         info["error"] = exc.message
         return info, {}
     info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}),
-                paused=reply.get("paused"), pool=reply.get("pool"))
+                paused=reply.get("paused"), mode=reply.get("mode"), pool=reply.get("pool"))
+    if isinstance(reply.get("direct"), dict):
+        info["direct"] = reply["direct"]
     try:
         reading = routerctl.recent(reply)
     except ValueError:  # a router older than its figures
@@ -152,6 +159,14 @@ def _pool(env: Environment, told: dict[str, Any] | None) -> dict[str, Any] | Non
     if env.mode is not Mode.http:
         return None
     return told or {"size": env.router.pool_size, "idle_s": env.router.pool_idle, "idle": None}
+
+
+def _steering(direct: dict[str, Any]) -> str:
+    families = "/".join(f.replace("ip", "IP") for f in direct.get("families", ()))
+    if direct.get("steering"):
+        return f"the kernel steers {families} connections to the live color"
+    why = direct.get("problem") or "no live listener in the map"
+    return f"not steering ({why}): the router forwards every connection"
 
 
 def _recent(figures: Figures, seconds: float) -> dict[str, Any]:
@@ -229,6 +244,8 @@ def render_table(info: dict[str, Any]) -> list[str]:
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)") + _router_age(info))
     lines += _pool_line(r.get("pool"))
+    if "direct" in r:
+        lines.append(f"  direct mode: {_steering(r['direct'])}")
     paused = r.get("paused")
     if paused:
         lines.append(f"  paused: {paused.get('held', 0)} requests held until alive-switch "

@@ -15,7 +15,8 @@ line; a connection may carry several requests in turn. Peers other than root or 
        "started_at": 1789990000.0,
        "pool": {"size": 64, "idle_s": 2.0, "idle": {"blue": 0, "green": 5}},
        "counters": {"blue": FIGURES, "green": FIGURES},
-       "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES}}
+       "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES},
+       "direct": DIRECT}                      (direct mode only)
     → {"cmd": "figures", "seconds": 60}
     ← {"ok": true, "started_at": 1789990000.0, "seconds": 60.0,
        "colors": {"blue": FIGURES, "green": FIGURES}}
@@ -24,6 +25,8 @@ line; a connection may carry several requests in turn. Peers other than root or 
     ← {"ok": true, "serving": "green", "previous": "blue", "switched_at": <epoch>}
     → {"cmd": "fallback", "fallback": null}
     ← {"ok": true, "fallback": null}
+    → {"cmd": "steer", "color": "green"}     (direct mode: take green's listener into the map)
+    ← {"ok": true, "color": "green", "taken_at": <epoch>}
     → {"cmd": "reload"}
     ← {"ok": true, "serving": "green", "state_source": "state.json", "restart_needed": []}
     → {"cmd": "canary", "canary": {"color": "green", "percent": 10, "step": 1,
@@ -40,8 +43,8 @@ line; a connection may carry several requests in turn. Peers other than root or 
     → {"cmd": "resume"}
     ← {"ok": true, "released": 3}
     → anything else
-    ← {"ok": false, "error": "unknown cmd 'foo'; one of: canary, figures, fallback, pause,
-       preview, reload, resume, status, switch"}
+    ← {"ok": false, "error": "unknown cmd 'foo'; one of: canary, fallback, figures, pause,
+       preview, reload, resume, status, steer, switch"}
 
 ``status`` also carries ``"canary": {...} | null`` (the split in effect), ``"preview":
 "green" | null`` (never the token) and ``"paused": {"until": <epoch>, "held": N} | null``.
@@ -67,6 +70,19 @@ paused): http mode holds every request whose head is complete (in-flight ones fi
 new connections wait in the listening socket's backlog until ``resume`` or
 ``paused_until``. ``resume`` is refused "not paused" when not paused. A pause outlives a
 router restart through ``pause.json`` (:mod:`switcher.router.server`).
+
+DIRECT is what the kernel does (:mod:`switcher.router.direct`)::
+
+    {"families": ["ipv4"], "address": "127.0.0.1", "port": 9000, "selected": "green",
+     "steering": true, "steered": {"blue": 0, "green": 5120},
+     "taken_at": {"green": 1790000000.0}}
+
+``steering`` is measured at each ``status``: a probe connection to the public address is
+counted by the program only when the kernel handed it to a color's listener (false when no
+listener is in the live slot, or another program for the port chose first). ``steered``
+counts the connections handed to each color since the router started; the router's own
+``counters`` stay flat for them. Without a loaded program: ``{"steering": false, "problem":
+...}``.
 
 FIGURES is one color's account (:class:`switcher.router.tally.Tally`):
 
@@ -148,6 +164,7 @@ class Commands(Protocol):
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> Reply: ...
     def set_fallback(self, fallback: Fallback | None) -> Reply: ...
+    def steer(self, color: Color) -> Reply: ...
     def reload(self) -> Reply: ...
     def figures(self, seconds: float) -> Reply: ...
     def set_canary(self, canary: Canary | None) -> Reply: ...
@@ -208,6 +225,10 @@ def _set_fallback(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.set_fallback(_fallback(message["fallback"]))
 
 
+def _steer(commands: Commands, message: dict[str, Any]) -> Reply:
+    return commands.steer(_color(message.get("color"), "color"))
+
+
 def _reload(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.reload()
 
@@ -257,7 +278,7 @@ def _resume(commands: Commands, message: dict[str, Any]) -> Reply:
 HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
     "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
     "figures": _figures, "canary": _set_canary, "preview": _set_preview, "pause": _pause,
-    "resume": _resume,
+    "resume": _resume, "steer": _steer,
 }
 CANARY_SHAPE = '{"color": ..., "percent": 1-99, "step": N, "seed": "..."}'
 MAX_PAUSE = 3600  # seconds: a pause is for a migration, not a maintenance window

@@ -12,6 +12,9 @@
   they go is :mod:`switcher.router.routes`'s (the table); commands are answered by
   :mod:`switcher.router.control`. Signal handlers only queue the signal; the loop acts on
   it in ``handle_term`` (SIGTERM, SIGINT) and ``handle_hup`` (SIGHUP, the unit's ExecReload).
+- direct mode: the kernel hands new connections to the live color's own listener
+  (:mod:`switcher.router.direct`); what it does not steer reaches the router, which forwards
+  it as in tcp mode. ``switch`` is then also a map update, ``steer`` takes a listener.
 - shutdown: STOPPING=1; close our servers, which closes our descriptor of the listening
   socket and never calls ``shutdown()`` on it (that would stop it for every holder, systemd
   included: the kernel keeps queueing connections for the next router); let open
@@ -52,17 +55,21 @@ from pathlib import Path
 from typing import Any
 
 from switcher import state as files
-from switcher.errors import NeedsRepairError, SwitchError, UsageError
+from switcher.errors import NeedsRepairError, SteerError, SwitchError, UsageError
 from switcher.model import Canary, Color, Fallback, Mode, RouterSettings, State, canary_json
 from switcher.router import metrics, tcp
 from switcher.router.activation import Notifier, log
 from switcher.router.control import ControlServer, ControlSocketError, open_control
+from switcher.router.direct import Direct, refuse_outside_direct
 from switcher.router.http import proxy
 from switcher.router.http.request import Limits
 from switcher.router.metrics import ColorMetrics, Metrics, MetricsServer
 from switcher.router.routes import Routes
 from switcher.router.tally import RECENT_SECONDS, RING_SECONDS, Snapshot, figures_json
 
+# Modes whose pause stops accepting (new connections wait in the backlog): http holds
+# requests instead; direct mode also stops steering.
+STOPS_ACCEPTING = (Mode.tcp, Mode.direct)
 STATUS_EVERY = 1.0  # seconds between STATUS= checks (each update costs PID 1 ~0.1 ms)
 PAUSE_FILE = "pause.json"  # the one file the router writes (see the module docstring)
 
@@ -144,6 +151,8 @@ class Router:
         self.control_problem = ""
         self.metrics: MetricsServer | None = None
         self.metrics_problem = ""
+        self.direct: Direct | None = None  # direct mode's steering, when attached
+        self.direct_problem = ""
         self.started_at = time.time()  # a restarted router counts from zero again
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self.paused_until: float | None = None
@@ -154,7 +163,7 @@ class Router:
         per connection, never again on its path."""
         if settings.mode is Mode.http:
             return functools.partial(proxy.Conn, self.routes, Limits.from_settings(settings))
-        return functools.partial(tcp.Link, self.routes)
+        return functools.partial(tcp.Link, self.routes)  # direct mode: its fallback path
 
     def _connection(self) -> asyncio.Protocol:
         return self.handler()
@@ -173,7 +182,7 @@ class Router:
         _raise_nofile_limit()
         listening = ", ".join(_address(s) for s in self.sockets)
         self._restore_pause()
-        if not (self.paused_until is not None and self.settings.mode is Mode.tcp):
+        if not (self.paused_until is not None and self.settings.mode in STOPS_ACCEPTING):
             await self._accept()
         try:
             self.control = await open_control(self.settings.control_socket,
@@ -183,6 +192,7 @@ class Router:
             log("err", f"{e}; serving without a control socket")
             self.control_problem = "no control socket"
         await self._open_metrics()
+        self._steer_or_not()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.routes.schedule_cut()
@@ -236,6 +246,7 @@ class Router:
             self.control.close()
         if self.metrics is not None:
             self.metrics.close()
+        self._close_direct()
         log("info", "stopped")
 
     async def _accept(self) -> None:
@@ -270,6 +281,38 @@ class Router:
             return
         self.metrics = server
         self.metrics_problem = ""
+
+    def _steer_or_not(self) -> None:
+        """Attach the steering in direct mode (detach it otherwise). A program the kernel
+        refuses leaves the router serving every connection itself, and saying so."""
+        if self.settings.mode is not Mode.direct:
+            self._close_direct()
+            return
+        if self.direct is not None:  # a reload: color addresses, health probe, the view
+            self.direct.settings = self.settings
+            self._steer_to(self.view.active)
+            return
+        try:
+            self.direct = Direct.open(self.settings, self.sockets)
+        except SteerError as e:
+            log("err", f"direct mode cannot steer: {e}; the router serves every connection")
+            self.direct_problem = "not steering"
+            return
+        self.direct_problem = ""
+        self.direct.resume(self.view.active)
+        self._steer_to(self.view.active)
+        self.direct.keep_taking(lambda: self.view.active)
+
+    def _steer_to(self, color: Color | None) -> None:
+        """Direct mode: steer new connections to ``color`` — to nobody while paused, so
+        they wait in the public socket's backlog like tcp mode's."""
+        if self.direct is not None:
+            self.direct.select(None if self.paused_until is not None else color)
+
+    def _close_direct(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+            self.direct = None
 
     def _move_metrics(self) -> None:
         """A reload changed ``metrics``: close the old listener, open the new one (in a task:
@@ -309,7 +352,13 @@ class Router:
             else None,
             "paused": None if self.paused_until is None else
             {"until": self.paused_until, "held": len(self.routes.held)},
+            **({"direct": self._direct_status()} if self.settings.mode is Mode.direct else {}),
         }
+
+    def _direct_status(self) -> dict[str, Any]:
+        if self.direct is None:
+            return {"steering": False, "problem": self.direct_problem}
+        return self.direct.status()
 
     def _recent(self) -> dict[str, Any]:
         covered, figures = self.routes.figures(RECENT_SECONDS)
@@ -344,10 +393,20 @@ class Router:
         # In effect from here on: every new connection (tcp) and request (http) reads
         # routes.live.
         before = self.routes.switch(target, fallback, drain_until, builds)
+        self._steer_to(target)  # direct mode: one map update, new connections go to target
         self.switched_at = time.time()
         log("notice", f"switched {before or 'nothing'} → {target}: {self.status_line()}")
         return {"ok": True, "serving": target.value, "previous": _name(before),
                 "switched_at": self.switched_at}
+
+    def steer(self, color: Color) -> dict[str, Any]:
+        """Put ``color``'s listener in the steering's map (steered only once it is live)."""
+        if self.direct is None:
+            if self.settings.mode is Mode.direct:
+                raise SteerError(f"direct mode is not steering: {self.direct_problem}",
+                                 f"journalctl -u {self.env_dir.name}.service -n 50")
+            refuse_outside_direct(self.settings.mode.value)
+        return self.direct.take(color)
 
     def set_fallback(self, fallback: Fallback | None) -> dict[str, Any]:
         self.routes.set_fallback(fallback)
@@ -355,6 +414,10 @@ class Router:
         return {"ok": True, "fallback": _fallback_json(fallback)}
 
     def set_canary(self, canary: Canary | None) -> dict[str, Any]:
+        if canary is not None and self.settings.mode is Mode.direct:
+            raise UsageError("canary: in direct mode the kernel steers every new connection "
+                             "to one listener; no share of clients can be split off",
+                             'use mode = "http" or "tcp" for canary steps')
         self.routes.set_canary(canary)
         log("notice", f"canary: {self._canary_text() or 'none, every client to the live color'}")
         return {"ok": True, "canary": canary_json(canary)}
@@ -393,8 +456,9 @@ class Router:
     def _pause_until(self, until: float) -> None:
         self.paused_until = until
         self.routes.pause()
-        if self.settings.mode is Mode.tcp:
+        if self.settings.mode in STOPS_ACCEPTING:
             self._stop_accepting()
+        self._steer_to(None)
         self.pause_timer = self.loop.call_later(max(until - time.time(), 0.0),
                                                 self._pause_over)
 
@@ -409,6 +473,7 @@ class Router:
             self.pause_timer = None
         self.paused_until = None
         self._forget_pause()
+        self._steer_to(self.view.active)
         if not self.servers and not self.stopping:
             self.loop.create_task(self._accept())
         return self.routes.resume(expired)
@@ -461,6 +526,7 @@ class Router:
             self._move_metrics()
         self.handler = self._handler(settings)
         self.routes.reload(settings, view)
+        self._steer_or_not()
         self.source, self.switched_at = source, None
         log("notice", f"reloaded: {self.status_line()} (view from {source})"
                       + (f"; restart to apply {', '.join(restart)}" if restart else ""))
@@ -487,8 +553,8 @@ class Router:
         if self.paused_until is not None:
             parts.append(f"paused until {_clock(self.paused_until)} "
                          f"({len(routes.held)} held)")
-        parts += [problem for problem in (self.control_problem, self.metrics_problem)
-                  if problem]
+        parts += [problem for problem in (self.control_problem, self.metrics_problem,
+                                          self.direct_problem) if problem]
         return " · ".join(parts)
 
     def _tick_status(self) -> None:

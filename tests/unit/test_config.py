@@ -241,3 +241,45 @@ def test_group_writable_config_or_directory_is_refused(tmp_path: Path) -> None:
         tmp_path.chmod(0o755)
     os.chown(path, 65534, 0)
     assert "not root" in str(load_error(tmp_path, GOOD))
+
+
+def direct(listen: str, host: str = "127.0.0.1") -> str:
+    return GOOD.replace("listen = 9000", f"listen = {listen}\nhost = \"{host}\"").replace(
+        "[env.production.health]", '[env.production.router]\nmode = "direct"\n\n'
+                                   "[env.production.health]")
+
+
+def test_direct_mode_keeps_no_standby(tmp_path: Path) -> None:
+    env = config.load(write(tmp_path, direct("9000"))).environment("production")
+    assert (env.mode, env.standby, env.standby_applied) == (config.Mode.direct, 600, 0)
+    assert config.load(write(tmp_path, GOOD)).environment("production").standby_applied == 600
+
+
+@pytest.mark.parametrize(("listen", "host"), [('"10.0.0.1:9000"', "127.0.0.1"),
+                                              ('"[::1]:9000"', "127.0.0.1")])
+def test_direct_mode_refuses_what_it_could_not_steer(tmp_path: Path, listen: str,
+                                                     host: str) -> None:
+    error = load_error(tmp_path, direct(listen, host))
+    assert error.key == "env.production.router.mode"
+    assert "cannot steer" in str(error) and 'mode = "tcp"' in str(error)
+
+
+@pytest.mark.parametrize("listen", ['"127.0.0.1:9000"', '"0.0.0.0:9000"', "9000"])
+def test_direct_mode_accepts_a_public_address_the_colors_accept(tmp_path: Path,
+                                                                listen: str) -> None:
+    config.load(write(tmp_path, direct(listen)))
+
+
+@pytest.mark.parametrize("stack", ["node", "gunicorn", "uvicorn"])
+def test_the_app_examples_load_in_direct_mode_with_time_to_shut_down(stack: str) -> None:
+    example = Path(__file__).parents[2] / f"examples/{stack}/alive-switch.toml"
+    env = config.load(str(example), check_owner=False).environment("production")
+    assert (env.mode, env.standby_applied) == (config.Mode.direct, 0)
+    assert env.unit.stop_timeout == 30 and env.router.backlog == 4096
+
+
+def test_direct_mode_refuses_canary_steps_naming_the_modes_that_have_them(tmp_path: Path) -> None:
+    text = direct("9000") + "\n[env.production.canary]\nsteps = [5, 50]\n"
+    error = load_error(tmp_path, text)
+    assert error.key == "env.production.canary.steps"
+    assert 'mode = "http" or "tcp"' in str(error)

@@ -75,6 +75,11 @@ def host_free_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path) -> tuple[Deployer, FakeSystemd, FakeRouter, list[str]]:
+    return make_world(tmp_path)
+
+
+def make_world(tmp_path: Path, extra: str = "") -> tuple[Deployer, FakeSystemd, FakeRouter,
+                                                          list[str]]:
     builds = tmp_path / "builds"
     for name in ("b1", "b2", "b3"):
         (builds / name).mkdir(parents=True)
@@ -91,6 +96,7 @@ exec = "/usr/bin/python3 server.py"
 drain = 0.2
 watch = 0.3
 standby = 30
+{extra}
 [env.prod.health]
 path = "/h"
 timeout = 1
@@ -518,3 +524,50 @@ def test_a_router_without_figures_is_judged_on_health_and_process(world) -> None
                                "router refused 'figures'") for line in said)
     assert ("not judged on traffic (the router gave no figures before the switch: router "
             "refused 'figures': unknown cmd 'figures')") in said
+
+
+# -- direct mode -------------------------------------------------------------------------------
+
+DIRECT = '[env.prod.router]\nmode = "direct"'
+
+
+def test_direct_mode_takes_the_listener_before_the_switch_and_keeps_no_standby(
+        tmp_path: Path) -> None:
+    d, sd, router, said = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    d.deploy("b2", force=False, dry_run=False)
+    assert router.steered == [Color.blue, Color.green]
+    assert router.switches == [Color.blue, Color.green]
+    current = d.load_state()
+    assert current.fallback is not None
+    # T0 + max(drain 0.2, watch 0.3): standby = 30 does not apply in direct mode.
+    assert current.fallback.until - current.drain_until == pytest.approx(0.1, abs=0.05)
+    assert "unit-prod-retire-blue" not in sd.timers
+    assert sd.units["unit-prod@blue.service"].active != "active", "retired when the watch ended"
+    assert "retired blue (direct mode: no standby)" in said
+
+
+def test_direct_mode_aborts_when_the_router_cannot_take_the_listener(tmp_path: Path) -> None:
+    d, sd, router, _ = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    router.steer_error = "no process of unit-prod@green.service listens on 127.0.0.1:1"
+    with pytest.raises(AbortedError, match=r"cannot steer to it: .*no process of") as caught:
+        d.deploy("b2", force=False, dry_run=False)
+    assert caught.value.exit_code == 3
+    assert router.switches == [Color.blue]
+    assert sd.units["unit-prod@green.service"].active != "active"
+
+
+def test_tcp_mode_never_asks_the_router_to_steer(world) -> None:
+    d, _, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    assert router.steered == []
+
+
+def test_direct_mode_refuses_a_canary_on_the_command_line(tmp_path: Path) -> None:
+    d, _, router, _ = make_world(tmp_path, DIRECT)
+    d.deploy("b1", force=False, dry_run=False)
+    with pytest.raises(UsageError, match=r'--canary: .*"direct": direct mode cannot') as caught:
+        d.deploy("b2", force=False, dry_run=False, steps=config.Canary(steps=[5]))
+    assert 'mode = "http" or "tcp"' in caught.value.hint
+    assert router.switches == [Color.blue]

@@ -99,3 +99,19 @@ def test_status_shows_the_pool_as_the_router_says_else_as_configured(tmp_path) -
     assert told == {"size": 8, "idle_s": 1.5, "idle": {"blue": 3, "green": 0}}
     configured = status.collect(cfg, env, sd, FakeRouter())["router"]["pool"]
     assert configured == {"size": 64, "idle_s": 2.0, "idle": None}
+
+
+def test_direct_mode_says_whether_the_kernel_steers(tmp_path) -> None:
+    cfg = write_config(tmp_path)
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd = FakeSystemd()
+    sd.start("lc-prod.service")
+    for steering, line in ((True, "direct mode: the kernel steers IPv4 connections to the "
+                                  "live color"),
+                           (False, "direct mode: not steering (no live listener in the map): "
+                                   "the router forwards every connection")):
+        router = FakeRouter(direct={"families": ["ipv4"], "steering": steering})
+        info = status.collect(cfg, env, sd, router)
+        assert info["router"]["direct"]["steering"] is steering
+        assert f"  {line}" in status.render_table(info)

@@ -1,0 +1,140 @@
+"""Find a color's listening socket among the processes of its unit and copy it out.
+
+The color's unit may run a wrapper (``npm start``, a shell): the listener is looked for in
+every process whose cgroup is the unit's, not only in its main PID. Read from ``/proc``::
+
+    /proc/<pid>/cgroup     "0::/system.slice/…/alive-production@green.service"
+                           (or the "name=systemd" line on a hybrid hierarchy)
+    /proc/<pid>/net/tcp    "sl local_address rem_address st … uid timeout inode …":
+    /proc/<pid>/net/tcp6   local_address "0100007F:2329" (the address's 32-bit words as the
+                           host stores them, the port), st 0A = LISTEN
+    /proc/<pid>/fd/<n>     a symlink "socket:[<inode>]"
+
+The copy comes through ``pidfd_getfd(2)`` (ptrace access to the process: Yama
+``ptrace_scope = 3`` forbids it). The caller closes the copy as soon as the kernel holds the
+socket in its map: a copy kept would keep a dead color's port listening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from switcher.errors import SteerError
+
+PIDFD_OPEN = 434  # the same number on x86_64 and aarch64 (the generic syscall table)
+PIDFD_GETFD = 438
+TCP_LISTEN = "0A"
+PROC = Path("/proc")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def unit_pids(unit: str, proc: Path = PROC) -> list[int]:
+    """The PIDs whose cgroup is ``unit``'s (or below it)."""
+    pids = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit() and _in_unit(entry / "cgroup", unit):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _in_unit(cgroup: Path, unit: str) -> bool:
+    try:
+        lines = cgroup.read_text().splitlines()
+    except OSError:  # the process just exited
+        return False
+    for line in lines:
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        if (hierarchy in ("", "name=systemd")) and unit in path.split("/"):
+            return True
+    return False
+
+
+def listening_inodes(table: str, host: str, port: int) -> set[int]:
+    """Inodes of the sockets listening on ``host:port`` (or on the wildcard address of its
+    family, which accepts there too) in one ``/proc/<pid>/net/tcp[6]`` table."""
+    wanted = ipaddress.ip_address(host)
+    inodes = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != TCP_LISTEN:
+            continue
+        address, _, hex_port = fields[1].partition(":")
+        bound = _address(address)
+        if int(hex_port, 16) == port and bound.version == wanted.version and (
+                bound == wanted or bound.is_unspecified):
+            inodes.add(int(fields[9]))
+    return inodes
+
+
+def _address(hex_words: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    packed = b"".join(int(hex_words[i:i + 8], 16).to_bytes(4, sys.byteorder)
+                      for i in range(0, len(hex_words), 8))
+    return ipaddress.ip_address(packed)
+
+
+def _tables(pid: int, host: str, proc: Path) -> str:
+    name = "tcp6" if ipaddress.ip_address(host).version == 6 else "tcp"
+    try:
+        return (proc / str(pid) / "net" / name).read_text()
+    except OSError:
+        return ""
+
+
+def _socket_fds(pid: int, inodes: set[int], proc: Path) -> Iterator[int]:
+    links = {f"socket:[{inode}]" for inode in inodes}
+    with contextlib.suppress(OSError):
+        for entry in (proc / str(pid) / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry) in links:
+                    yield int(entry.name)
+
+
+def find(pids: list[int], host: str, port: int, proc: Path = PROC) -> tuple[int, int] | None:
+    """(pid, fd) of a process among ``pids`` holding a listener on ``host:port``."""
+    for pid in pids:
+        inodes = listening_inodes(_tables(pid, host, proc), host, port)
+        for fd in _socket_fds(pid, inodes, proc) if inodes else ():
+            return pid, fd
+    return None
+
+
+def copy(pid: int, fd: int) -> socket.socket:
+    """A descriptor of process ``pid``'s ``fd`` in this process, as a socket."""
+    pidfd = _syscall(PIDFD_OPEN, pid, 0)
+    try:
+        return socket.socket(fileno=_syscall(PIDFD_GETFD, pidfd, fd, 0))
+    finally:
+        os.close(pidfd)
+
+
+def _syscall(number: int, *args: int) -> int:
+    result = _libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(result)
+
+
+def take(unit: str, host: str, port: int) -> socket.socket:
+    """A copy of ``unit``'s listener on ``host:port``; the caller closes it."""
+    pids = unit_pids(unit)
+    found = find(pids, host, port)
+    if found is None:
+        raise SteerError(f"no process of {unit} (PIDs {pids or 'none'}) listens on "
+                         f"{host}:{port}",
+                         f"journalctl -u {unit} -n 50: the app must bind $HOST:$PORT")
+    try:
+        return copy(*found)
+    except OSError as e:
+        raise SteerError(f"cannot copy the listener of {unit} (PID {found[0]}, fd {found[1]}): "
+                         f"{e.strerror}",
+                         "direct mode needs ptrace access to the color (Yama ptrace_scope "
+                         'below 3, CAP_SYS_PTRACE); or use mode = "tcp"') from None
