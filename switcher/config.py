@@ -82,6 +82,8 @@ class Router:
     response_timeout: float = 60.0
     tunnels: list[str] = field(default_factory=lambda: ["websocket"])
     metrics: str = ""  # "ADDR:PORT" of the Prometheus listener; "" = off
+    pool_size: int = 64  # http: idle keep-alive connections kept per color (0 = off)
+    pool_idle: float = 2.0  # http: seconds an idle pooled connection may be reused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -545,11 +547,16 @@ def _validate_positive(path: str, key: str, env: Environment) -> None:
         ("router.max_header_bytes", env.router.max_header_bytes),
         ("router.body_timeout", env.router.body_timeout),
         ("router.response_timeout", env.router.response_timeout),
+        ("router.pool_idle", env.router.pool_idle),
     ]
     for name, value in checks:
         if value <= 0:
             raise ConfigError(path, f"{key}.{name}", f"{value!r} must be greater than 0",
                               "use a positive number")
+    if env.router.pool_size < 0:
+        raise ConfigError(path, f"{key}.router.pool_size", f"{env.router.pool_size!r} is "
+                          "negative", "use 0 (no idle connections kept) or a positive number, "
+                          "e.g. 64")
     if env.router.processes != 1:
         raise ConfigError(path, f"{key}.router.processes", f"{env.router.processes} router "
                           "processes are not supported yet (one process serves the socket)",

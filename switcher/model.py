@@ -31,7 +31,7 @@ The router's settings file ``router.json`` (written by ``install``)::
      "trusted_proxies": [], "control_socket": "/run/alive-switch/alive-production/control.sock",
      "control_group": "", "body_timeout": 60.0, "response_timeout": 60.0,
      "tunnels": ["websocket"], "metrics": "", "health_path": "/api/health",
-     "health_expect": "2xx"}
+     "health_expect": "2xx", "pool_size": 64, "pool_idle": 2.0}
 """
 
 from __future__ import annotations
@@ -273,6 +273,8 @@ class RouterSettings:
     # listener. health_expect is "2xx" (a class) or codes, "200,204".
     health_path: str = ""
     health_expect: str = "2xx"
+    pool_size: int = 64  # http: idle keep-alive connections kept per color (0 = off)
+    pool_idle: float = 2.0  # http: seconds an idle pooled connection may be reused
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -286,6 +288,7 @@ class RouterSettings:
             "body_timeout": self.body_timeout, "response_timeout": self.response_timeout,
             "tunnels": list(self.tunnels), "metrics": self.metrics,
             "health_path": self.health_path, "health_expect": self.health_expect,
+            "pool_size": self.pool_size, "pool_idle": self.pool_idle,
         }
 
     @classmethod
@@ -306,4 +309,5 @@ class RouterSettings:
             metrics=str(raw.get("metrics", "")),
             health_path=str(raw.get("health_path", "")),
             health_expect=str(raw.get("health_expect", "2xx")),
+            pool_size=int(raw.get("pool_size", 64)), pool_idle=float(raw.get("pool_idle", 2.0)),
         )

@@ -66,6 +66,7 @@ def router_settings(cfg: Config, env: Environment) -> RouterSettings:
         body_timeout=env.router.body_timeout, response_timeout=env.router.response_timeout,
         tunnels=tuple(env.router.tunnels), metrics=env.router.metrics,
         health_path=env.health.path, health_expect=_expect(env.health.expect_status),
+        pool_size=env.router.pool_size, pool_idle=env.router.pool_idle,
     )
 
 

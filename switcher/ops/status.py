@@ -11,7 +11,9 @@
                 "inflight": {"blue": 0, "green": 3}, "started_at": 1790000000.0 | null,
                 "paused": null | {"until": 1790000000.0, "held": 0},
                 "mode": "tcp" | null,
-                "direct": {"families": ["ipv4"], "steering": true, …}},   (direct mode only)
+                "direct": {"families": ["ipv4"], "steering": true, …},   (direct mode only)
+                "pool": null | {"size": 64, "idle_s": 2.0,
+                                "idle": null | {"blue": 0, "green": 5}}},
      "colors": {"blue": {"unit": .., "state": "active", "sub": "running", "build": "b1",
                          "pid": 123, "memory_bytes": 123456, "uptime_s": 12.5,
                          "health": "ok" | "failing: …" | "not running",
@@ -37,6 +39,8 @@ next command to undo). ``paused``: new requests are held until ``resume`` or ``u
 ``direct``: the router's direct-mode report as its control socket gives it
 (:mod:`switcher.router.control`): the families steered and ``steering``, measured by a probe
 connection that the kernel's program counted (false: connections take the router's path).
+``pool`` (http mode): the idle connections the router keeps per color for the next client,
+as the running router says (else as configured, ``idle`` null); null in other modes.
 
 ``restart_pending``: the color runs a process started before its installed config (unit
 file, drop-ins, environment_file) last changed; its next start applies that config.
@@ -58,7 +62,7 @@ from switcher import health, routerctl, state
 from switcher.analysis import Figures, percent
 from switcher.config import Config, Environment
 from switcher.errors import RouterError
-from switcher.model import Color, State, color_name
+from switcher.model import Color, Mode, State, color_name
 from switcher.names import Names
 from switcher.routerctl import Router
 from switcher.systemd import Systemd
@@ -86,6 +90,7 @@ def collect(cfg: Config, env: Environment, sd: Systemd, router: Router) -> dict[
     # One systemctl call for the three units (each call costs ~10 ms).
     props = sd.show_many([router_unit, *colors.values()], *COLOR_PROPS)
     router_info, recent = _router(props[router_unit]["ActiveState"], router, router_unit)
+    router_info["pool"] = _pool(env, router_info.pop("pool", None))
     history = state.read_history(env_dir)
     return {
         "schema": SCHEMA, "app": cfg.app, "env": env.name,
@@ -137,7 +142,7 @@ def _router(active: str, router: Router, unit: str
         info["error"] = exc.message
         return info, {}
     info.update(reachable=True, serving=reply.get("serving"), inflight=reply.get("inflight", {}),
-                paused=reply.get("paused"), mode=reply.get("mode"))
+                paused=reply.get("paused"), mode=reply.get("mode"), pool=reply.get("pool"))
     if isinstance(reply.get("direct"), dict):
         info["direct"] = reply["direct"]
     try:
@@ -146,6 +151,14 @@ def _router(active: str, router: Router, unit: str
         return info, {}
     info["started_at"] = reading.started_at
     return info, {c: _recent(f, reading.seconds or 0.0) for c, f in reading.colors.items()}
+
+
+def _pool(env: Environment, told: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The router's pool as it said (a router older than pools says nothing), else as
+    configured."""
+    if env.mode is not Mode.http:
+        return None
+    return told or {"size": env.router.pool_size, "idle_s": env.router.pool_idle, "idle": None}
 
 
 def _steering(direct: dict[str, Any]) -> str:
@@ -230,6 +243,7 @@ def render_table(info: dict[str, Any]) -> list[str]:
     lines.append(f"  router: {r['active']}, serving {r['serving'] or 'nothing'}"
                  + ("" if r["reachable"] or r["active"] != "active" else " (control socket "
                     "not answering)") + _router_age(info))
+    lines += _pool_line(r.get("pool"))
     if "direct" in r:
         lines.append(f"  direct mode: {_steering(r['direct'])}")
     paused = r.get("paused")
@@ -264,6 +278,19 @@ def render_table(info: dict[str, Any]) -> list[str]:
                      f"{_duration(time.time() - last['time'])} ago "
                      f"({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['time']))})")
     return lines
+
+
+def _pool_line(pool: dict[str, Any] | None) -> list[str]:
+    """``  pool: up to 64 idle connections per color, reused within 2 s (idle now: …)``."""
+    if pool is None:
+        return []
+    if not pool["size"]:
+        return ["  pool: off (a connection to a color per client connection)"]
+    idle = pool["idle"]
+    now = "" if idle is None else " (idle now: " + ", ".join(
+        f"{c} {idle.get(c, 0)}" for c in ("blue", "green")) + ")"
+    return [f"  pool: up to {pool['size']} idle connections per color, reused within "
+            f"{pool['idle_s']:g} s{now}"]
 
 
 def _router_age(info: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ line; a connection may carry several requests in turn. Peers other than root or 
        "builds": {"blue": "b1", "green": "b2"}, "state_source": "state.json",
        "drain_until": 1790000010.0, "switched_at": 1790000000.0, "stopping": false,
        "started_at": 1789990000.0,
+       "pool": {"size": 64, "idle_s": 2.0, "idle": {"blue": 0, "green": 5}},
        "counters": {"blue": FIGURES, "green": FIGURES},
        "recent": {"seconds": 60.0, "blue": FIGURES, "green": FIGURES},
        "direct": DIRECT}                      (direct mode only)
@@ -103,6 +104,9 @@ process started: a restarted router starts from zero, and callers re-baseline. `
 and ``figures`` are differences over the last ``seconds`` (at most 300, from a ring of one
 snapshot a second; ``seconds`` in the answer is what the ring covered, less for a router
 younger than that).
+
+``pool``: http mode's idle connections kept per color for the next client (at most
+``size`` each, reused within ``idle_s``; :mod:`.http.pool`), ``idle`` how many wait now.
 
 ``switch`` answers once every new connection goes to ``target``; open connections stay
 where they are until ``drain_until``, when those on other colors are cut. Its ``fallback``

@@ -21,10 +21,13 @@ connections it accepted; http: requests sent to it), ``errors`` what failed on i
 In direct mode the kernel hands most connections to the colors without the router:
 ``outside`` (the steering's ``counted``) gives those, and every read of the tallies adds
 them to each color's ``connections`` and to ``steered`` first.
+http mode keeps a color's idle connections in its ``pool`` (:mod:`.http.pool`): only the
+live color's, so every change of what is served closes the others' at once.
 
 Timers: at ``drain_until`` the table cuts what is left on colors other than the serving one;
-every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer),
-and every ``MARK_EVERY`` it puts a snapshot of every tally in the ring.
+every ``SWEEP_EVERY`` it lets each connection apply its own timeouts (no per-request timer)
+and closes pooled connections idle too long, and every ``MARK_EVERY`` it puts a snapshot of
+every tally in the ring.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Protocol
 from switcher.errors import UsageError
 from switcher.model import Canary, Color, Fallback, RouterSettings, State
 from switcher.router.activation import log
+from switcher.router.http.pool import Pool
 from switcher.router.split import Preview, Split
 from switcher.router.tally import Failure, Ring, Snapshot, Tally, minus
 
@@ -48,10 +52,12 @@ MARK_EVERY = 1.0  # seconds between snapshots in the ring
 class Backend:
     """One color: where it listens and what it carries (the same account in both modes)."""
 
-    __slots__ = ("address", "color", "errors", "inflight", "tally", "total")
+    __slots__ = ("address", "color", "errors", "inflight", "pool", "tally", "total")
 
-    def __init__(self, color: Color, address: tuple[str, int] | None = None) -> None:
+    def __init__(self, color: Color, address: tuple[str, int] | None = None,
+                 pool: Pool | None = None) -> None:
         self.color = color
+        self.pool = Pool() if pool is None else pool  # http: idle connections to it
         self.address = address  # None: the color has no address in router.json
         self.inflight = 0
         self.total = 0
@@ -84,7 +90,8 @@ class Routes:
                  view: State) -> None:
         self.loop = loop
         self.max_connections = settings.max_connections
-        self.backends = {c: Backend(c, settings.colors.get(c)) for c in Color}
+        self.backends = {c: Backend(c, settings.colors.get(c),
+                                    Pool(settings.pool_size, settings.pool_idle)) for c in Color}
         self.conns: set[Client] = set()
         self.view = view
         self.live: Backend | None = None  # where new work goes; None: no live color
@@ -247,6 +254,7 @@ class Routes:
         self.max_connections = settings.max_connections
         for color, backend in self.backends.items():
             backend.address = settings.colors.get(color)
+            backend.pool.configure(settings.pool_size, settings.pool_idle)
         self.serve(view)
         self._after_change()
 
@@ -255,6 +263,9 @@ class Routes:
         self.schedule_cut()
 
     def _leave_idle(self) -> None:
+        for backend in self.backends.values():
+            if not self.takes_work(backend):
+                backend.pool.clear()  # none is used after T0
         for conn in list(self.conns):
             conn.leave_idle(self)
 
@@ -297,6 +308,8 @@ class Routes:
         now = time.monotonic()
         for conn in list(self.conns):
             conn.check(now)
+        for backend in self.backends.values():
+            backend.pool.prune(now)
         self.sweeping = self.loop.call_later(SWEEP_EVERY, self._sweep)
 
     def schedule_cut(self) -> None:
@@ -329,12 +342,18 @@ class Routes:
 
     def stop(self) -> None:
         self.stopping = True
+        self._clear_pools()
         if self.held:  # the next router keeps the pause (pause.json); these get 503 now
             self.resume(expired=True)
         for conn in list(self.conns):
             conn.stop()
 
     def cut_all(self) -> None:
+        self._clear_pools()
         self.cut(set(Color))
         for conn in list(self.conns):  # http: idle keep-alive connections too
             conn.cut()
+
+    def _clear_pools(self) -> None:
+        for backend in self.backends.values():
+            backend.pool.clear()

@@ -344,6 +344,8 @@ class Router:
             "state_source": self.source, "drain_until": view.drain_until,
             "switched_at": self.switched_at, "stopping": self.stopping,
             "started_at": self.started_at,
+            "pool": {"size": self.settings.pool_size, "idle_s": self.settings.pool_idle,
+                     "idle": {c.value: len(b.pool) for c, b in backends.items()}},
             "metrics": self.metrics.address if self.metrics is not None else "",
             "allocated_blocks": sys.getallocatedblocks(),  # flat under load: benchmarks/
             "counters": _per_color(zip(Color, self.routes.snapshots(), strict=True)),

@@ -66,6 +66,7 @@ def test_good_config_has_the_documented_defaults(tmp_path: Path) -> None:
     assert (env.analysis.max_error_rate, env.analysis.min_requests, env.analysis.baseline,
             env.analysis.max_latency_ratio) == (0.02, 50, 60, 0)
     assert env.router.metrics == ""
+    assert (env.router.pool_size, env.router.pool_idle) == (64, 2)
 
 
 def test_example_config_loads() -> None:
@@ -165,6 +166,15 @@ def test_example_config_loads() -> None:
       ]),
     (GOOD + '\n[env.production.router]\nmetrics = "127.0.0.1:8997"\n',
      "env.staging.ports.green", "also used by env.production.router.metrics"),
+    *((GOOD + f"\n[env.production.router]\n{line}\n", f"env.production.router.{key}", words)
+      for line, key, words in [
+          ("pool_size = -1", "pool_size", "negative"),
+          ("pool_size = 8.5", "pool_size", "expected int"),
+          ("pool_size = true", "pool_size", "expected int"),
+          ("pool_idle = 0", "pool_idle", "must be greater than 0"),
+          ("pool_idle = -2", "pool_idle", "must be greater than 0"),
+          ("pool_idel = 2", "pool_idel", "did you mean 'pool_idle'"),
+      ]),
 ])
 def test_bad_config_is_refused_naming_key_and_fix(tmp_path: Path, text: str, key: str,
                                                   words: str) -> None:

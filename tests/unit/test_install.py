@@ -69,13 +69,15 @@ body_timeout = 5
 response_timeout = 6
 tunnels = ["websocket", "connect"]
 metrics = "127.0.0.1:9100"
+pool_size = 9
+pool_idle = 1.5
 ''')
     env = cfg.env["prod"]
     settings = install.router_settings(cfg, env)
     given = {"backlog": 77, "max_connections": 7, "restart_drain": 2.5, "header_timeout": 3,
              "idle_timeout": 4, "max_header_bytes": 9000, "trusted_proxies": ("10.0.0.1",),
              "body_timeout": 5, "response_timeout": 6, "tunnels": ("websocket", "connect"),
-             "metrics": "127.0.0.1:9100"}
+             "metrics": "127.0.0.1:9100", "pool_size": 9, "pool_idle": 1.5}
     assert {key: getattr(settings, key) for key in given} == given
     declared = {f.name for f in dataclasses.fields(type(env.router))}
     assert declared - {"mode", "processes"} <= {f.name for f in dataclasses.fields(settings)}

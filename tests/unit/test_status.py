@@ -82,6 +82,25 @@ def test_a_router_without_figures_leaves_them_null(tmp_path) -> None:
     assert info["colors"]["blue"]["recent"] is None is info["colors"]["green"]["recent"]
 
 
+# ---------------------------------------------------------------- the router's pool
+
+def test_status_shows_the_pool_as_the_router_says_else_as_configured(tmp_path) -> None:
+    class PoolingRouter(FakeRouter):
+        def status(self, timeout: float = 5.0) -> dict[str, Any]:
+            return {**super().status(timeout),
+                    "pool": {"size": 8, "idle_s": 1.5, "idle": {"blue": 3, "green": 0}}}
+
+    cfg = write_config(tmp_path)
+    env = cfg.env["prod"]
+    cfg.env_dir(env).mkdir(parents=True)
+    sd = FakeSystemd()
+    sd.start("lc-prod.service")
+    told = status.collect(cfg, env, sd, PoolingRouter())["router"]["pool"]
+    assert told == {"size": 8, "idle_s": 1.5, "idle": {"blue": 3, "green": 0}}
+    configured = status.collect(cfg, env, sd, FakeRouter())["router"]["pool"]
+    assert configured == {"size": 64, "idle_s": 2.0, "idle": None}
+
+
 def test_direct_mode_says_whether_the_kernel_steers(tmp_path) -> None:
     cfg = write_config(tmp_path)
     env = cfg.env["prod"]

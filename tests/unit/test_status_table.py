@@ -88,6 +88,15 @@ def test_no_figures_no_rows() -> None:
     assert lines[1] == "  router: active, serving blue"
 
 
+def test_the_pool_line_says_its_bounds_and_what_waits() -> None:
+    pool = {"size": 64, "idle_s": 2.0, "idle": {"blue": 5, "green": 0}}
+    lines = status.render_table(info(router={**info()["router"], "pool": pool}))
+    assert lines[2] == ("  pool: up to 64 idle connections per color, reused within 2 s "
+                        "(idle now: blue 5, green 0)")
+    off = status.render_table(info(router={**info()["router"], "pool": {**pool, "size": 0}}))
+    assert off[2] == "  pool: off (a connection to a color per client connection)"
+
+
 def test_a_canary_and_a_pause_are_shown() -> None:
     router = {**info()["router"], "paused": {"until": time.time() + 20.2, "held": 7}}
     lines = status.render_table(info(

@@ -30,7 +30,8 @@ of DESIGN.md, the previous live color inside its window and never a color in its
 gate; failing that, 502. A connection the color closed before answering a byte of a
 bodiless request of a safe method (GET, HEAD, OPTIONS, TRACE) is replaced and the request
 sent again, once (a new connection that finds the color gone finds the fallback); any other
-gets 502, never a second copy.
+gets 502, never a second copy. A connection whose client has gone waits in the color's
+pool for the next request of any client (:mod:`.pool`: only such a request takes one).
 
 Upgrade (101) and CONNECT (2xx) turn the connection into a tunnel pinned to its color,
 counted in flight until it ends; after a switch the router closes it, cleanly, when the old
@@ -60,13 +61,13 @@ import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from switcher.model import Color
+from switcher.router.http.pool import Pool, resendable
 from switcher.router.http.request import Limits, Reject, Request, RequestReader
 from switcher.router.http.response import ResponseReader, Unsolicited
 from switcher.router.http.wire import (
     BODY_TIMEOUT,
     BROKEN,
     CHUNK_FRAMING,
-    CONNECT,
     CRLF,
     DRAIN_OVER,
     EOF_FRAMED,
@@ -80,7 +81,6 @@ from switcher.router.http.wire import (
     PLAIN,
     REQUEST_TIMEOUT,
     RESPONSE_TIMEOUT,
-    SAFE_METHODS,
     TOO_MANY,
     UNREACHABLE,
     URI_TOO_LONG,
@@ -347,6 +347,10 @@ class Conn(RequestReader, asyncio.Protocol):
                 return
             self.up = None
             up.close()
+        if resendable(req) and (idle := backend.pool.take(_now())) is not None:
+            self.up = up = cast(Upstream, idle)
+            up.attach(self, req)
+            return
         self.connecting = self.routes.loop.create_task(self._open(backend))
 
     async def _open(self, backend: Backend) -> None:
@@ -375,14 +379,17 @@ class Conn(RequestReader, asyncio.Protocol):
             except OSError:
                 break
             else:
-                self.connecting = None
-                return
+                return  # (upstream_made let go of this task: another may be running now)
         self.connecting = None
         backend.failed(failure)
         if self.backend is backend:
             self._fail(UNREACHABLE)
 
     def upstream_made(self, up: Upstream) -> None:
+        # Made: nothing is left to cancel. Cancelling the connect's task from here on (its
+        # client leaves before it resumes) makes uvloop close the transport without a
+        # connection_lost: a dead connection the pool would hand to the next request.
+        self.connecting = None
         if self.closing or self.backend is not up.backend or not self.queue:
             cast(asyncio.Transport, up.transport).abort()
             return
@@ -439,8 +446,7 @@ class Conn(RequestReader, asyncio.Protocol):
         if up.started:
             up.backend.failed(Failure.reset)
             self._close(abort=True)  # the client must see its response was cut short
-        elif not up.seen and req.done and not req.body and req.kind != CONNECT \
-                and not req.resent and req.head.partition(b" ")[0] in SAFE_METHODS:
+        elif not up.seen and resendable(req):
             # Nothing was read, nothing answered: send it again on a new connection, once.
             # Only a safe method: the app may have acted on anything else before closing
             # (RFC 9110 §9.2.2). A kept-alive connection closed as the request went out is
@@ -688,7 +694,7 @@ class Conn(RequestReader, asyncio.Protocol):
         self.queue.clear()
         up, self.up = self.up, None
         if up is not None:
-            up.close(abort)
+            up.release(abort)
         if abort:
             self.transport.abort()
         else:
@@ -699,8 +705,8 @@ class Upstream(ResponseReader, asyncio.Protocol):
     """The color side: one connection, one request at a time; relays each response (read
     by :class:`.response.ResponseReader`)."""
 
-    __slots__ = ("backend", "client", "conn", "eof", "out", "remaining", "request", "seen",
-                 "transport")
+    __slots__ = ("backend", "client", "conn", "eof", "idle_since", "out", "pool", "remaining",
+                 "request", "seen", "transport")
 
     def __init__(self, conn: Conn, backend: Backend) -> None:
         self.conn = conn
@@ -713,6 +719,8 @@ class Upstream(ResponseReader, asyncio.Protocol):
         self.eof = False
         self.remaining = 0  # fast path: body bytes still to relay as they come
         self.seen = False
+        self.pool: Pool | None = None  # while idle in its color's pool (see .pool)
+        self.idle_since = 0.0
 
     def begin(self, req: Request) -> None:
         self.request = req
@@ -726,6 +734,28 @@ class Upstream(ResponseReader, asyncio.Protocol):
 
     def reusable(self) -> bool:
         return self.transport is not None and not self.eof and not self.transport.is_closing()
+
+    def attach(self, conn: Conn, req: Request) -> None:
+        """Taken from the pool to carry ``req`` of ``conn``."""
+        self.conn = conn
+        self.client = conn.transport
+        self.begin(req)
+        if conn.client_full:
+            cast(asyncio.Transport, self.transport).pause_reading()
+
+    def release(self, abort: bool = False) -> None:
+        """Its client connection ends: to the pool if it may carry another client's request
+        (its last response whole and kept alive, its color taking new work), else closed."""
+        conn = self.conn
+        if abort or not self.keep or not self.done or self.request is not None or self.eof \
+                or self.buf or conn.routes.stopping or not conn.routes.takes_work(self.backend):
+            self.close(abort)
+            return
+        # conn.since is no later than the end of the last response (when the color's
+        # keep-alive timer started): the age the pool sees is never less than the real one.
+        self.idle_since = conn.since
+        if not self.backend.pool.give(self, _now()):
+            self.close()
 
     def close(self, abort: bool = False) -> None:
         self.request = None
@@ -749,7 +779,7 @@ class Upstream(ResponseReader, asyncio.Protocol):
             return
         req = self.request
         if req is None or self.done:
-            self._broken()  # nothing was asked
+            self._broken()  # nothing was asked (idle in the pool: it leaves as it closes)
             return
         if self.remaining:
             self._relay(data)
@@ -822,6 +852,9 @@ class Upstream(ResponseReader, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.pool is not None:
+            self._lost_idle()  # the color's keep-alive timeout: closed, not reused
+            return False
         conn = self.conn
         if conn.tunnel:
             if not conn.closing:
@@ -836,7 +869,10 @@ class Upstream(ResponseReader, asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.conn.upstream_lost(self, exc)
+        if self.pool is not None:
+            self.pool.lost(self)  # no client is waiting on it
+        else:
+            self.conn.upstream_lost(self, exc)
         del self.parser  # the same cycle as Conn's (see Conn.connection_lost)
 
     def pause_writing(self) -> None:
@@ -844,6 +880,11 @@ class Upstream(ResponseReader, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.conn.upstream_full(False)
+
+    def _lost_idle(self) -> None:
+        """The color closed it while idle in the pool: out of the pool now, and closed."""
+        cast(Pool, self.pool).lost(self)
+        self.close()
 
     def _broken(self) -> None:
         """The color broke HTTP: drop the connection; the client gets 502 if it can."""

@@ -17,7 +17,8 @@ repeated or invalid Content-Length, bad chunk sizes, obs-fold and bare LF):
 
 A head is rebuilt on the way out: it keeps its version; hop-by-hop headers (``Connection``
 and what it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Transfer-Encoding``,
-``Upgrade``) are dropped and the router writes its own; chunked bodies are re-chunked
+``Upgrade``) are dropped and the router writes its own (a client's ``Connection: close``
+ends the client's connection, not the one to the color); chunked bodies are re-chunked
 (extensions and trailers dropped). ``X-Forwarded-For``, ``X-Forwarded-Proto`` and
 ``Forwarded`` are added; incoming ones are kept (and appended to) only from
 ``trusted_proxies``, else replaced; from any other peer, every header whose name
@@ -293,10 +294,9 @@ class RequestReader:
                 req.kind = HEAD
             req.keep_alive = keep = parser.should_keep_alive()
             req.fast = keep and req.kind == PLAIN and not req.http10
-            if not keep:
-                if not req.http10:
-                    hdrs.append(CLOSE)
-            elif req.http10:
+            if req.http10:
+                # Even on a client's last request: the connection to the color may carry
+                # another client's next (.pool); the router ends the client's after it.
                 hdrs.append(KEEP_ALIVE)
         if req.chunked:
             hdrs.append(CHUNKED)
