@@ -52,7 +52,10 @@ exec /usr/sbin/nginx -e stderr -p "$dir/" -c "$dir/nginx.conf"
 def env(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Env:
     e = Env(sandbox, tmp_path_factory.mktemp("traffic"), "tr", "prod", LISTEN, BLUE, GREEN)
     e.write_config(drain=1, watch=WATCH, mode="http", command="/bin/sh run.sh", also=(
-        f'response_timeout = {RESPONSE_TIMEOUT}\nmetrics = "127.0.0.1:{METRICS}"\n\n'
+        # No pool: the deaf build must be met by new connects (a pooled connection to it
+        # still works after its listener closed, and then only its health probe fails it).
+        f'response_timeout = {RESPONSE_TIMEOUT}\nmetrics = "127.0.0.1:{METRICS}"\n'
+        "pool_size = 0\n\n"
         f"[env.prod.analysis]\nmin_requests = {MIN_REQUESTS}\nmax_latency_ratio = 3\n"))
     build(e, "G0")
     e.ok("install", "prod")
