@@ -120,12 +120,13 @@ import asyncio
 import contextlib
 import errno
 import grp
+import inspect
 import json
 import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -160,11 +161,11 @@ class BadRequestError(Exception):
 class Commands(Protocol):
     """What the control socket drives (:class:`switcher.router.server.Router`)."""
 
-    def status(self) -> Reply: ...
+    def status(self) -> Awaitable[Reply]: ...
     def switch(self, target: Color, fallback: Fallback | None, drain_until: float | None,
                builds: dict[Color, str | None]) -> Reply: ...
     def set_fallback(self, fallback: Fallback | None) -> Reply: ...
-    def steer(self, color: Color) -> Reply: ...
+    def steer(self, color: Color) -> Awaitable[Reply]: ...
     def reload(self) -> Reply: ...
     def figures(self, seconds: float) -> Reply: ...
     def set_canary(self, canary: Canary | None) -> Reply: ...
@@ -173,13 +174,19 @@ class Commands(Protocol):
     def resume(self) -> Reply: ...
 
 
+# A request's handler: most answer at once; status and steer are awaited.
+Handler = Callable[[Commands, dict[str, Any]], Reply | Awaitable[Reply]]
+
+
 # -- requests ----------------------------------------------------------------------------------
 
-def dispatch(commands: Commands, line: bytes) -> Reply:
-    """Answer one request line; never raises."""
+async def dispatch(commands: Commands, line: bytes) -> Reply:
+    """Answer one request line; never raises. ``status`` and ``steer`` are awaited: they
+    wait on a probe connection and a ``/proc`` scan, and the router serves meanwhile."""
     try:
         message = json.loads(line)
-        return _handler(message)(commands, message)
+        reply = _handler(message)(commands, message)
+        return await reply if inspect.isawaitable(reply) else reply
     except ValueError as e:
         return {"ok": False, "error": f"not JSON: {e}"}
     except (BadRequestError, SwitchError) as e:
@@ -198,7 +205,7 @@ def _cmd_of(line: bytes) -> object:
     return message.get("cmd") if isinstance(message, dict) else None
 
 
-def _handler(message: object) -> Callable[[Commands, dict[str, Any]], Reply]:
+def _handler(message: object) -> Handler:
     if not isinstance(message, dict):
         raise BadRequestError("a request is one JSON object on one line")
     cmd = message.get("cmd")
@@ -208,7 +215,7 @@ def _handler(message: object) -> Callable[[Commands, dict[str, Any]], Reply]:
     return handler
 
 
-def _status(commands: Commands, message: dict[str, Any]) -> Reply:
+def _status(commands: Commands, message: dict[str, Any]) -> Awaitable[Reply]:
     return commands.status()
 
 
@@ -225,7 +232,7 @@ def _set_fallback(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.set_fallback(_fallback(message["fallback"]))
 
 
-def _steer(commands: Commands, message: dict[str, Any]) -> Reply:
+def _steer(commands: Commands, message: dict[str, Any]) -> Awaitable[Reply]:
     return commands.steer(_color(message.get("color"), "color"))
 
 
@@ -275,7 +282,7 @@ def _resume(commands: Commands, message: dict[str, Any]) -> Reply:
     return commands.resume()
 
 
-HANDLERS: dict[str, Callable[[Commands, dict[str, Any]], Reply]] = {
+HANDLERS: dict[str, Handler] = {
     "status": _status, "switch": _switch, "fallback": _set_fallback, "reload": _reload,
     "figures": _figures, "canary": _set_canary, "preview": _set_preview, "pause": _pause,
     "resume": _resume, "steer": _steer,
@@ -397,7 +404,7 @@ class ControlServer:
                 if not line.strip():
                     continue
                 reply = ({"ok": False, "error": denied} if denied
-                         else dispatch(self.commands, line))
+                         else await dispatch(self.commands, line))
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
                 if denied:

@@ -46,6 +46,7 @@ class Direct:
         self.read = dict.fromkeys(Color, 0)  # the program's counts at the last counted()
         self.probes = dict.fromkeys(Color, 0)  # status probes steered, not yet left out
         self.watching: asyncio.Task[None] | None = None
+        self.closed = False
 
     @classmethod
     def open(cls, settings: RouterSettings, sockets: list[socket.socket]) -> Direct:
@@ -64,10 +65,17 @@ class Direct:
     def unit(self, color: Color) -> str:
         return f"{self.settings.app}-{self.settings.env}@{color.value}.service"
 
-    def take(self, color: Color) -> dict[str, Any]:
-        """Put ``color``'s listener in the map; the copy is closed before this returns."""
+    async def take(self, color: Color) -> dict[str, Any]:
+        """Put ``color``'s listener in the map; the copy is closed before this returns. The
+        ``/proc`` scan runs in a thread (it grows with the host's processes); the copy, taken
+        back here, never outlives this call."""
         host, port = self.settings.colors[color]
-        copy = listener.take(self.unit(color), host, port)
+        unit = self.unit(color)
+        found = await asyncio.to_thread(listener.locate, unit, host, port)
+        if self.closed:  # a reload or shutdown meanwhile: its maps' descriptors are gone
+            raise SteerError(f"the router stopped steering while it took {unit}'s listener",
+                             "alive-switch status ENV: see the router's mode")
+        copy = listener.take(unit, found, host, port)
         try:
             self.steering.insert(color, copy)
         finally:
@@ -79,22 +87,23 @@ class Direct:
     def select(self, color: Color | None) -> None:
         self.steering.select(color)
 
-    def resume(self, live: Color | None) -> None:
+    async def resume(self, live: Color | None) -> None:
         """After a (re)start: take the live color's listener again if it is there (the
         caller selects it)."""
         if live is None:
             return
         try:
-            self.take(live)
+            await self.take(live)
         except SteerError as e:
             log("warning", f"not steering to {live} yet: {e}; the router serves it meanwhile")
 
     def keep_taking(self, live: Callable[[], Color | None]) -> None:
-        """From now on, re-take the live color's listener whenever it is gone from the map
-        and the color is healthy again (systemd restarted it)."""
+        """Take the live color's listener now, and from then on re-take it whenever it is
+        gone from the map and the color is healthy again (systemd restarted it)."""
         self.watching = asyncio.get_running_loop().create_task(self._retake(live))
 
     async def _retake(self, live: Callable[[], Color | None]) -> None:
+        await self.resume(live())
         while True:
             await asyncio.sleep(RETAKE_EVERY)
             color = live()
@@ -105,7 +114,7 @@ class Direct:
                                  self.settings.health_expect):
                 continue
             try:
-                self.take(color)
+                await self.take(color)
             except SteerError as e:
                 log("warning", f"{color} answers its health probe but: {e}")
 
@@ -121,19 +130,19 @@ class Direct:
         self.read, self.probes = now, dict.fromkeys(Color, 0)
         return new
 
-    def probe(self) -> tuple[Color | None, bool]:
+    async def probe(self) -> tuple[Color | None, bool]:
         """The selected color and whether the kernel steers to it, measured by a probe
         connection; one that was steered is left out of ``counted``."""
         selected = self.steering.selected()
-        steering = self.steering.probe()
+        steering = await self.steering.probe()
         if steering and selected is not None:
             self.probes[selected] += 1
         return selected, steering
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         target = self.steering.target
         family = "ipv4" if target.family == socket.AF_INET else "ipv6"
-        selected, steering = self.probe()
+        selected, steering = await self.probe()
         return {"families": [family], "address": target.address or "any",
                 "port": target.port, "selected": _color_name(selected),
                 "steering": steering,  # measured, not assumed
@@ -141,6 +150,7 @@ class Direct:
                 "taken_at": {c.value: t for c, t in self.taken.items()}}
 
     def close(self) -> None:
+        self.closed = True
         if self.watching is not None:
             self.watching.cancel()
         self.steering.close()

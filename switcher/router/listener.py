@@ -123,18 +123,41 @@ def _syscall(number: int, *args: int) -> int:
     return int(result)
 
 
-def take(unit: str, host: str, port: int) -> socket.socket:
-    """A copy of ``unit``'s listener on ``host:port``; the caller closes it."""
+def locate(unit: str, host: str, port: int) -> tuple[int, int]:
+    """(pid, fd) of ``unit``'s listener on ``host:port``. Only reads ``/proc`` and holds
+    nothing: the router runs it in a thread, so a slow scan never stalls its loop."""
     pids = unit_pids(unit)
     found = find(pids, host, port)
     if found is None:
         raise SteerError(f"no process of {unit} (PIDs {pids or 'none'}) listens on "
                          f"{host}:{port}",
                          f"journalctl -u {unit} -n 50: the app must bind $HOST:$PORT")
+    return found
+
+
+def take(unit: str, found: tuple[int, int], host: str, port: int) -> socket.socket:
+    """A copy of the listener ``locate`` found; the caller closes it. Checked again, since
+    the process may have closed that descriptor and opened another since the scan."""
+    pid, fd = found
     try:
-        return copy(*found)
+        sock = copy(pid, fd)
     except OSError as e:
-        raise SteerError(f"cannot copy the listener of {unit} (PID {found[0]}, fd {found[1]}): "
+        raise SteerError(f"cannot copy the listener of {unit} (PID {pid}, fd {fd}): "
                          f"{e.strerror}",
                          "direct mode needs ptrace access to the color (Yama ptrace_scope "
                          'below 3, CAP_SYS_PTRACE); or use mode = "tcp"') from None
+    if not _listens_on(sock, port):
+        sock.close()
+        raise SteerError(f"the listener of {unit} on {host}:{port} (PID {pid}, fd {fd}) "
+                         "closed while it was taken",
+                         f"journalctl -u {unit} -n 50: is the app restarting?")
+    return sock
+
+
+def _listens_on(sock: socket.socket, port: int) -> bool:
+    try:
+        name = sock.getsockname()
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:  # not a socket any more
+        return False
+    return isinstance(name, tuple) and name[1] == port and accepting == 1

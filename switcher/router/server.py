@@ -300,8 +300,7 @@ class Router:
             return
         self.direct_problem = ""
         self.routes.outside = self.direct.counted
-        self.direct.resume(self.view.active)
-        self._steer_to(self.view.active)
+        self._steer_to(self.view.active)  # steered once keep_taking has its listener
         self.direct.keep_taking(lambda: self.view.active)
 
     def _steer_to(self, color: Color | None) -> None:
@@ -328,7 +327,7 @@ class Router:
 
     # -- commands (called by control) --------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         view = self.view
         fallback = view.fallback
         backends = self.routes.backends
@@ -355,13 +354,14 @@ class Router:
             else None,
             "paused": None if self.paused_until is None else
             {"until": self.paused_until, "held": len(self.routes.held)},
-            **({"direct": self._direct_status()} if self.settings.mode is Mode.direct else {}),
+            **({"direct": await self._direct_status()} if self.settings.mode is Mode.direct
+               else {}),
         }
 
-    def _direct_status(self) -> dict[str, Any]:
+    async def _direct_status(self) -> dict[str, Any]:
         if self.direct is None:
             return {"steering": False, "problem": self.direct_problem}
-        return self.direct.status()
+        return await self.direct.status()
 
     def _recent(self) -> dict[str, Any]:
         covered, figures = self.routes.figures(RECENT_SECONDS)
@@ -403,14 +403,14 @@ class Router:
         return {"ok": True, "serving": target.value, "previous": _name(before),
                 "switched_at": self.switched_at}
 
-    def steer(self, color: Color) -> dict[str, Any]:
+    async def steer(self, color: Color) -> dict[str, Any]:
         """Put ``color``'s listener in the steering's map (steered only once it is live)."""
         if self.direct is None:
             if self.settings.mode is Mode.direct:
                 raise SteerError(f"direct mode is not steering: {self.direct_problem}",
                                  f"journalctl -u {self.env_dir.name}.service -n 50")
             refuse_outside_direct(self.settings.mode.value)
-        return self.direct.take(color)
+        return await self.direct.take(color)
 
     def set_fallback(self, fallback: Fallback | None) -> dict[str, Any]:
         self.routes.set_fallback(fallback)

@@ -22,6 +22,7 @@ so a connection it does not steer takes the normal lookup. ``bpf(2)`` comes thro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import enum
@@ -366,16 +367,20 @@ class Steering:
         """Connections the program handed to each color's listener since it was loaded."""
         return {c: struct.unpack("<Q", lookup(self.counts, _slot(c), 8))[0] for c in Color}
 
-    def probe(self, timeout: float = 1.0) -> bool:
+    async def probe(self, timeout: float = 1.0) -> bool:
         """Whether the kernel steers now, measured: a connection to the public address is
         counted by the program only when it was handed to a listener (another program that
-        chose first, or no listener in the live slot, leaves the count alone)."""
+        chose first, or no listener in the live slot, leaves the count alone). Awaited, not
+        blocking: a color whose accept queue is full takes the whole ``timeout`` to refuse,
+        and the router's loop must go on serving meanwhile."""
         before = sum(self.steered().values())
         with socket.socket(self.target.family, socket.SOCK_STREAM) as probe:
-            probe.settimeout(timeout)
+            probe.setblocking(False)
             try:
-                probe.connect(self.target.probe_address)
-            except OSError:
+                async with asyncio.timeout(timeout):
+                    await asyncio.get_running_loop().sock_connect(probe,
+                                                                  self.target.probe_address)
+            except (OSError, TimeoutError):
                 return False
         return sum(self.steered().values()) > before
 

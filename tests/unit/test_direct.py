@@ -9,6 +9,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,15 +98,15 @@ def _steers_and_falls_back(units: dict[str, int]) -> list[object]:
         units["app-test@green.service"] = green.pid
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
-            steering.take(Color.green)
+            asyncio.run(steering.take(Color.green))
             steering.select(Color.green)
-            seen += [answer(), steering.status()["steering"]]
+            seen += [answer(), asyncio.run(steering.status())["steering"]]
             stop(green)  # the app exits: its listener leaves the map by itself
             pub.settimeout(0)
             with socket.create_connection(("127.0.0.1", PUBLIC), timeout=2):
                 pub.accept()[0].close()
             seen.append("public")
-            seen.append(steering.status()["steering"])
+            seen.append(asyncio.run(steering.status())["steering"])
             with socket.create_server(("127.0.0.1", GREEN)):  # no copy keeps it bound
                 seen.append("rebound")
         finally:
@@ -124,9 +125,10 @@ def _resume(units: dict[str, int]) -> tuple[bytes, dict[str, object]]:
         units["app-test@blue.service"] = blue.pid
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
-            steering.resume(Color.blue)  # what a (re)started router does for the live color
+            # What a (re)started router does for the live color:
+            asyncio.run(steering.resume(Color.blue))
             steering.select(Color.blue)
-            return answer(), steering.status()
+            return answer(), asyncio.run(steering.status())
         finally:
             steering.close()
 
@@ -144,11 +146,12 @@ def _counted(units: dict[str, int]) -> list[object]:
         units["app-test@blue.service"] = blue.pid
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
-            steering.take(Color.blue)
+            asyncio.run(steering.take(Color.blue))
             steering.select(Color.blue)
             for _ in range(3):
                 answer()
-            seen: list[object] = [steering.status()["steered"]]  # the probe counts here
+            # The probe counts here:
+            seen: list[object] = [asyncio.run(steering.status())["steered"]]
             seen += [steering.counted(), steering.counted()]
             answer()
             return [*seen, steering.counted()]
@@ -170,7 +173,7 @@ def _take_missing(units: dict[str, int]) -> str:
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
             with pytest.raises(SteerError) as caught:
-                steering.take(Color.green)
+                asyncio.run(steering.take(Color.green))
             return str(caught.value)
         finally:
             steering.close()
@@ -197,7 +200,7 @@ def _retaken(units: dict[str, int]) -> tuple[bool, bool, bytes]:
         units["app-test@green.service"] = first.pid
         steering = direct.Direct.open(SETTINGS, [pub])
         try:
-            steering.take(Color.green)
+            asyncio.run(steering.take(Color.green))
             steering.select(Color.green)
             stop(first)  # systemd restarts it: a new process, a new listener
             held_after_exit = steering.steering.holds(Color.green)
@@ -221,6 +224,78 @@ def _retaken(units: dict[str, int]) -> tuple[bool, bool, bytes]:
 def test_a_live_color_restarted_is_taken_again_once_healthy(
         netns: Netns, units: dict[str, int]) -> None:
     assert netns.run(_retaken, units) == (False, True, b"green-2")
+
+
+async def _ticks_while(work: Any) -> tuple[Any, int]:
+    """What ``work`` returns, and how many 10 ms ticks the loop made meanwhile."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.get_running_loop().create_task(tick())
+    try:
+        return await work, ticks
+    finally:
+        ticking.cancel()
+
+
+def _slow_scan(units: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> tuple[bytes, int]:
+    located = listener.locate
+
+    def slow(unit: str, host: str, port: int) -> tuple[int, int]:
+        found = located(unit, host, port)
+        time.sleep(0.5)  # a /proc with many processes, a busy host
+        return found
+
+    monkeypatch.setattr(listener, "locate", slow)
+    with public() as pub, color("green", GREEN) as green:
+        units["app-test@green.service"] = green.pid
+        steering = direct.Direct.open(SETTINGS, [pub])
+        try:
+            _, ticks = asyncio.run(_ticks_while(steering.take(Color.green)))
+            steering.select(Color.green)
+            return answer(), ticks
+        finally:
+            steering.close()
+
+
+def test_a_slow_listener_scan_leaves_the_routers_loop_serving(
+        netns: Netns, units: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    got, ticks = netns.run(_slow_scan, units, monkeypatch)
+    assert got == b"green"
+    assert ticks >= 10, "the scan blocked the loop"  # about 50 in 0.5 s
+
+
+def _full_backlog() -> tuple[bool, int]:
+    """A probe that cannot connect (nothing steered, the public socket's queue full: its SYN
+    is dropped) takes its whole timeout."""
+    with socket.socket() as pub:
+        pub.bind(("127.0.0.1", PUBLIC))
+        pub.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", PUBLIC))
+            steering = direct.Direct.open(SETTINGS, [pub])
+            try:
+                status, ticks = asyncio.run(_ticks_while(steering.status()))
+                return status["steering"], ticks
+            finally:
+                steering.close()
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def test_a_status_probe_that_hangs_leaves_the_routers_loop_serving(netns: Netns) -> None:
+    steering, ticks = netns.run(_full_backlog)
+    assert steering is False
+    assert ticks >= 20, "the probe blocked the loop"  # about 100 in its 1 s timeout
 
 
 @pytest.mark.parametrize(("expect", "code", "ok"), [

@@ -91,8 +91,17 @@ def test_nothing_found_on_another_port(app: subprocess.Popen[str]) -> None:
 def test_taking_from_a_unit_without_a_listener_names_it_and_the_fix() -> None:
     with pytest.raises(SteerError, match=r"no process of nothing@blue.service \(PIDs none\)"
                                          r" listens on 127.0.0.1:") as caught:
-        listener.take("nothing@blue.service", "127.0.0.1", PORT)
+        listener.locate("nothing@blue.service", "127.0.0.1", PORT)
     assert "$HOST:$PORT" in str(caught.value)
+
+
+def test_a_descriptor_that_is_no_longer_the_listener_is_not_taken(
+        app: subprocess.Popen[str]) -> None:
+    """Between the scan and the copy the app may close the listener and reuse its number."""
+    found = listener.find([app.pid], "127.0.0.1", PORT)
+    assert found is not None
+    with pytest.raises(SteerError, match=r"on 127.0.0.1:\d+ \(PID \d+, fd \d+\) closed while"):
+        listener.take("app@blue.service", found, "127.0.0.1", OTHER)  # as if renumbered
 
 
 def test_a_copy_from_a_process_gone_is_an_os_error() -> None:

@@ -8,6 +8,7 @@ proxy. Seeds are fixed, so the shares are the same on every run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -495,7 +496,7 @@ class Failing:
 def test_a_failing_preview_request_is_logged_without_its_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     line = json.dumps({"cmd": "preview", "color": "green", "token": TOKEN}).encode()
-    answer = dispatch(Failing(), line)  # type: ignore[arg-type]
+    answer = asyncio.run(dispatch(Failing(), line))  # type: ignore[arg-type]
     logged = capsys.readouterr().err
     assert answer["ok"] is False and "boom" in answer["error"]
     assert "'preview'" in logged and "boom" in logged  # it was logged ...

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import struct
@@ -165,11 +166,11 @@ def test_another_local_address_is_not_steered(netns: Netns) -> None:
 
 def _counted() -> tuple[dict[Color, int], bool, bool]:
     with three() as socks, steering(socks) as s:
-        unsteered = s.probe()
+        unsteered = asyncio.run(s.probe())
         s.select(Color.green)
         for _ in range(3):
             arrival(socks, ("127.0.0.1", PUBLIC))
-        steered = s.probe()
+        steered = asyncio.run(s.probe())
         return s.steered(), unsteered, steered
 
 
@@ -183,7 +184,8 @@ def _second_program() -> tuple[bool, bool, str]:
     with three() as socks, steering(socks) as first, steering(socks) as second:
         first.select(Color.blue)
         second.select(Color.green)
-        return first.probe(), second.probe(), arrival(socks, ("127.0.0.1", PUBLIC))
+        return (asyncio.run(first.probe()), asyncio.run(second.probe()),
+                arrival(socks, ("127.0.0.1", PUBLIC)))
 
 
 def test_a_second_program_for_the_same_port_is_ignored_and_its_probe_says_so(
