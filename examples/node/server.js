@@ -23,6 +23,14 @@ const backlog = Number(process.env.BACKLOG || 4096);
 let stopping = false;
 
 const server = http.createServer((req, res) => {
+  // GET /slow?ms=N answers after N ms (at most 10 s): a request still in flight when the
+  // color is retired, which its shutdown lets finish.
+  const url = new URL(req.url, "http://app");
+  const delay = url.pathname === "/slow" ? Math.min(Number(url.searchParams.get("ms")) || 0, 10000) : 0;
+  setTimeout(() => answer(res), delay);
+});
+
+function answer(res) {
   if (stopping) {
     res.setHeader("Connection", "close"); // the client reconnects, to the live color
   }
@@ -30,7 +38,7 @@ const server = http.createServer((req, res) => {
   res.writeHead(200, { "Content-Type": "application/json",
                        "Content-Length": Buffer.byteLength(body) });
   res.end(body);
-});
+}
 server.keepAliveTimeout = 75000;
 
 process.on("SIGTERM", () => {

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.load import one_request
 from tests.ports import port_block
 from tests.system.harness import CLI, Env, build_on, frozen_at, get, kill_frozen, wait_for
 from tests.system.sandbox import Sandbox
@@ -126,24 +127,9 @@ class Crowd:
 
 def ask(client: Client, timeout: float) -> str:
     """The build that answered, or "!<what failed>"."""
-    head = "GET / HTTP/1.1\r\nHost: crowd\r\nConnection: close\r\n"
-    if client.forwarded:
-        head += f"X-Forwarded-For: {client.forwarded}\r\n"
-    try:
-        with socket.socket() as sock:
-            sock.settimeout(timeout)
-            sock.bind((client.source, 0))
-            sock.connect(("127.0.0.1", LISTEN))
-            sock.sendall((head + "\r\n").encode())
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError as exc:
-        return f"!{type(exc).__name__}"
-    status, _, body = data.partition(b"\r\n\r\n")
-    if not status.startswith(b"HTTP/1.1 200"):
-        return f"!{status[:12].decode(errors='replace')}"
-    return str(json.loads(body)["build"])
+    forwarded = f"X-Forwarded-For: {client.forwarded}\r\n" if client.forwarded else ""
+    outcome, detail = one_request(LISTEN, timeout, source=client.source, headers=forwarded)
+    return detail if outcome == "ok" else f"!{outcome} {detail}"
 
 
 def canary_events(stdout: str) -> list[dict]:

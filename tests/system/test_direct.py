@@ -1,34 +1,45 @@
 """Direct mode end to end in a real systemd: the kernel hands new connections to the live
 color's own listener (the router's counters stay flat), the router takes what the kernel
-does not steer, deploys under new-connection load fail nothing (the sample app and the
-Node.js example), a dead live color or router never refuses the port, and after a reboot
-the router steers again.
+does not steer, deploys under new-connection load fail nothing (the sample app; the Node.js
+example twenty times, with keep-alive clients that retry and a slow request in flight across
+each switch), a dead live color or router never refuses the port, and after a reboot the
+router steers again.
 
 The sandbox shares the host's network namespace: the program the router attaches steers
 this module's public port on 127.0.0.1 only (the colors' host), and dies with the router."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import subprocess
+import threading
+import time
 from typing import Any
 
 import pytest
 
-from tests.load import Load
+from tests.load import Load, classify, failure, one_request
+from tests.netns import Netns
 from tests.ports import port_block
-from tests.system.harness import ROOT, Env, build_on, get, listening, wait_for
-from tests.system.sandbox import Sandbox
+from tests.system.harness import CLI, ROOT, Env, build_on, get, listening, wait_for
+from tests.system.sandbox import Sandbox, kill_group
 from tests.system.test_http import router_status
 
 pytestmark = pytest.mark.system
-LISTEN, BLUE, GREEN, NODE_LISTEN, NODE_BLUE, NODE_GREEN = port_block(__name__, 6)
+(LISTEN, BLUE, GREEN, NODE_LISTEN, NODE_BLUE, NODE_GREEN, WIDE_LISTEN, WIDE_BLUE,
+ WIDE_GREEN) = port_block(__name__, 9)
 NODE = "/usr/bin/node"
 NODE_APP = ROOT / "examples/node/server.js"
+STEPS = 20  # deploys and rollbacks of the Node.js example, alternating
+SLOW_MS = 2000  # a slow request, sent just before a switch: past the retirement at T0 + 1 s
 # The old color is the fallback for max(DRAIN, WATCH) after a switch (no standby in direct
 # mode): long enough for the killed-color test to find it there.
 DRAIN, WATCH = 20, 1
 PROOF = 3000  # requests that must succeed without the router seeing one
+OUTSIDE = 50  # requests from another network namespace to the wildcard public socket
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +179,55 @@ def test_the_live_color_killed_reaches_the_fallback_through_the_router(env: Env)
 
 
 @pytest.fixture(scope="module")
+def wide(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Env:
+    """Public socket on every IPv4 address, colors on 127.0.0.1 (the sample app), in the
+    same sandbox as ``env``."""
+    e = Env(env.sandbox, tmp_path_factory.mktemp("wide"), "dw", "prod", WIDE_LISTEN,
+            WIDE_BLUE, WIDE_GREEN)
+    e.write_config(drain=1, watch=1, mode="direct", listen=f'"0.0.0.0:{WIDE_LISTEN}"')
+    e.make_build("W")
+    e.ok("install", "prod")
+    e.ok("deploy", "prod", "W")
+    return e
+
+
+def test_a_connection_from_another_network_namespace_is_not_steered_to_a_loopback_color(
+        wide: Env) -> None:
+    """The program steers local address 127.0.0.1 only: a connection that reaches the
+    wildcard public socket on another address is the router's (which forwards it to the
+    color over loopback, as the color's own listener would never have accepted it)."""
+    outside = Netns("dw")
+    host_side = f"asw{os.getpid() % 10**6}"  # a link in this (the host's) namespace
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    try:
+        subprocess.run(["ip", "link", "add", host_side, "type", "veth", "peer", "name", "eth0",
+                        "netns", outside.name], check=True)
+        subprocess.run(["ip", "addr", "add", f"{subnet}.1/24", "dev", host_side], check=True)
+        subprocess.run(["ip", "link", "set", host_side, "up"], check=True)
+        outside.ip("addr", "add", f"{subnet}.2/24", "dev", "eth0")
+        outside.ip("link", "set", "eth0", "up")
+        before = router_status(wide)
+        answers = outside.run(lambda: [one_request(WIDE_LISTEN, 5, host=f"{subnet}.1")
+                                       for _ in range(OUTSIDE)])
+        between = router_status(wide)
+        local = [one_request(WIDE_LISTEN, 5) for _ in range(OUTSIDE)]
+        after = router_status(wide)
+    finally:
+        subprocess.run(["ip", "link", "delete", host_side], check=False)
+        outside.delete()
+    assert answers == [("ok", "W")] * OUTSIDE
+    assert local == [("ok", "W")] * OUTSIDE
+    assert before["direct"]["steering"] is True, before["direct"]
+    # From outside: every connection the router's; the kernel steered only the status
+    # call's own probe (to 127.0.0.1).
+    assert router_connections(between) - router_connections(before) == OUTSIDE
+    assert sum(steered(between).values()) - sum(steered(before).values()) <= 1
+    # From this namespace to 127.0.0.1: steered, the router's figures flat.
+    assert router_connections(after) == router_connections(between)
+    assert steered(after)["blue"] - steered(between)["blue"] >= OUTSIDE
+
+
+@pytest.fixture(scope="module")
 def node(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Env:
     """examples/node/server.js, whose SIGTERM handler is the drain (server.close()), in
     the same sandbox as ``env`` (its own app name and ports)."""
@@ -181,14 +241,89 @@ def node(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Env:
     return e
 
 
-def test_node_deploys_and_rollbacks_under_new_connection_load_fail_nothing(node: Env) -> None:
-    with Load(NODE_LISTEN, threads=4) as load:
-        load.wait_requests(200)
-        for step in ("deploy prod N2", "rollback prod", "rollback prod", "rollback prod"):
-            node.ok(*step.split())
+class Slow(threading.Thread):
+    """One GET /slow on a new connection: ``sent`` once the kernel has given it to a
+    listener and the request is on its way; then (class, build) and when it ended."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sent = threading.Event()
+        self.result: tuple[str, str] = ("timeout", "never ended")
+        self.ended = 0.0
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", NODE_LISTEN), timeout=10) as sock:
+                sock.sendall(f"GET /slow?ms={SLOW_MS} HTTP/1.1\r\nHost: slow\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                self.sent.set()
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            self.result = classify(data)
+        except OSError as exc:
+            self.result = failure(exc)
+        finally:
+            self.sent.set()
+            self.ended = time.time()
+
+
+def held_step(node: Env, step: str) -> tuple[Slow, str, float]:
+    """Run ``step`` with a slow request sent to the live color while its pre_switch hook
+    waits: (the request, the build it was sent to, when the router switched)."""
+    live = get(NODE_LISTEN)[1]["build"]
+    for flag in ("switching", "go"):
+        (node.home / flag).unlink(missing_ok=True)
+    cli = node.sandbox.popen(CLI, "--config", node.config, *step.split(), cwd=node.home,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for("the pre_switch hook (or the CLI's end)",
+                 lambda: (node.home / "switching").exists() or cli.poll() is not None,
+                 timeout=60)
+        if cli.poll() is not None:
+            out, err = cli.communicate()
+            raise AssertionError(f"{step} → {cli.returncode} before its switch\n{out}\n{err}")
+        request = Slow()
+        assert request.sent.wait(timeout=10)
+        (node.home / "go").touch()
+        out, err = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            kill_group(cli)
+    assert cli.returncode == 0, f"{step} → {cli.returncode}\n{out}\n{err}"
+    request.join(timeout=15)
+    return request, live, router_status(node)["switched_at"]
+
+
+def test_node_twenty_deploys_and_rollbacks_fail_nothing_and_finish_slow_requests(
+        node: Env) -> None:
+    """New-connection clients, keep-alive clients that retry an idle connection's close
+    (RFC 9112 §9.3.1), and a slow request in flight across each switch and retirement."""
+    hold = (f"/bin/sh -c 'touch {node.home}/switching; "
+            f"while [ ! -e {node.home}/go ]; do sleep 0.02; done'")
+    node.write_config(drain=1, watch=1, mode="direct", command=f"{NODE} {NODE_APP}",
+                      extra=f"pre_switch = {json.dumps(hold)}\n")
+    slow: list[tuple[Slow, str, float]] = []
+    try:
+        with Load(NODE_LISTEN, threads=3) as load, \
+                Load(NODE_LISTEN, threads=2, keep_alive=True) as kept:
             load.wait_requests(200)
-    print(f"\nnode: {load.tally.summary()}")
+            kept.wait_requests(200)
+            for i in range(STEPS):
+                slow.append(held_step(node, "deploy prod N2" if i % 2 == 0 else "rollback prod"))
+                load.wait_requests(100)
+                kept.wait_requests(100)
+    finally:
+        node.write_config(drain=1, watch=1, mode="direct", command=f"{NODE} {NODE_APP}")
+    print(f"\nnode, {STEPS} deploys and rollbacks: {load.tally.summary()}; keep-alive: "
+          f"{kept.tally.summary()}")
     assert load.tally.failed == 0, load.tally.examples
+    assert kept.tally.failed == 0, kept.tally.examples
+    assert set(kept.tally.builds) == {"N1", "N2"}  # they moved on as each color retired
+    for request, live, switched in slow:
+        assert request.result == ("ok", live), request.result  # answered by the old color
+        assert switched < request.ended  # sent before the switch, answered after it
     assert get(NODE_LISTEN)[1]["build"] == "N1"
     assert router_status(node)["direct"]["steering"] is True
 
