@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,6 +85,47 @@ def test_the_copy_is_the_apps_listener(app: subprocess.Popen[str]) -> None:
         with socket.create_connection(("127.0.0.1", PORT), timeout=2):
             copy.settimeout(2)
             copy.accept()[0].close()  # the very queue the app listens on
+
+
+def inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def test_sock_diag_lists_only_listeners_on_the_address_or_the_wildcard() -> None:
+    with socket.create_server(("127.0.0.1", PORT)) as exact, \
+            socket.create_server(("0.0.0.0", OTHER)) as wild, \
+            socket.create_connection(("127.0.0.1", PORT)):
+        accepted, _ = exact.accept()  # an established socket on PORT: not a listener
+        with accepted:
+            assert listener.kernel_listeners("127.0.0.1", PORT) == {inode(exact)}
+            assert listener.kernel_listeners("127.0.0.1", OTHER) == {inode(wild)}
+            assert listener.kernel_listeners("127.0.0.2", PORT) == set()
+            assert listener.kernel_listeners("::1", PORT) == set()
+
+
+def test_find_asks_sock_diag_and_never_reads_the_tables(
+        app: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def unread(*_: object) -> str:
+        raise AssertionError("read /proc/<pid>/net/tcp")
+    monkeypatch.setattr(listener, "_tables", unread)
+    found = listener.find([app.pid], "127.0.0.1", PORT)
+    assert found is not None and found[0] == app.pid
+
+
+def test_without_sock_diag_find_reads_each_processs_table(
+        app: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(*_: object) -> set[int]:
+        raise OSError(errno.EPROTONOSUPPORT, "no sock_diag")
+    monkeypatch.setattr(listener, "kernel_listeners", missing)
+    found = listener.find([app.pid], "127.0.0.1", PORT)
+    assert found is not None and found[0] == app.pid
+
+
+def test_netlink_records_are_split_on_their_aligned_lengths() -> None:
+    first = listener.NLMSG.pack(listener.NLMSG.size + 3, 20, 0, 1, 0) + b"abc\0"
+    error = listener.NLMSG.pack(listener.NLMSG.size + 4, listener.NLMSG_ERROR, 0, 1, 0)
+    records = list(listener._netlink_messages(first + error + struct.pack("=i", -13)))
+    assert records == [(20, b"abc"), (listener.NLMSG_ERROR, struct.pack("=i", -13))]
 
 
 def test_nothing_found_on_another_port(app: subprocess.Popen[str]) -> None:
