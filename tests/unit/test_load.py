@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.load import KeepAliveClient, Load, classify
+from tests.routerkit import wait_for
 
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"build": "b1"}'
 Serve = Callable[[socket.socket, int], None]  # one accepted connection, its number
@@ -96,7 +97,8 @@ def test_an_answer_cut_short_is_never_retried(server: tuple[int, list[int]]) -> 
 @pytest.mark.parametrize("server", [_one_then_close], indirect=True)
 def test_the_tally_counts_retries_apart_from_failures(server: tuple[int, list[int]]) -> None:
     with Load(server[0], threads=1, keep_alive=True, max_requests=5) as load:
-        load.wait_requests(5)
+        # All five, counted from zero: wait_requests counts from its call, after some ran.
+        wait_for(lambda: load.tally.ok + load.tally.failed >= 5, what="five requests")
     assert load.tally.ok == 5 and load.tally.failed == 0
     assert load.tally.retried == 4 and "4 retried" in load.tally.summary()
 
