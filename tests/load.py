@@ -45,6 +45,16 @@ class Tally:
     def failed(self) -> int:
         return sum(self.failures.values())
 
+    def add(self, outcome: str, build: str) -> None:
+        """Count one request's (class, build or detail); the caller holds the lock."""
+        if outcome == "ok":
+            self.ok += 1
+            self.builds[build] += 1
+        else:
+            self.failures[outcome] += 1
+            if len(self.examples) < 10:
+                self.examples.append(f"{outcome}: {build}")
+
     def summary(self) -> str:
         classes = ", ".join(f"{c} {self.failures.get(c, 0)}" for c in CLASSES)
         return (
@@ -126,13 +136,7 @@ class Load:
                 if self.record:
                     self.tally.requests.append(Request(done, outcome, build))
                 self.tally.worst_latency = max(self.tally.worst_latency, took)
-                if outcome == "ok":
-                    self.tally.ok += 1
-                    self.tally.builds[build] += 1
-                else:
-                    self.tally.failures[outcome] += 1
-                    if len(self.tally.examples) < 10:
-                        self.tally.examples.append(f"{outcome}: {build}")
+                self.tally.add(outcome, build)
 
 
 def one_request(port: int, timeout: float, path: str = "/", source: str = "",

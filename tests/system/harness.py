@@ -149,6 +149,25 @@ class Env:
         return json.loads(self.ok("status", self.env, "--json"))
 
 
+def nginx_app(page: str) -> str:
+    """A build's start script: nginx on $HOST:$PORT answering "ok" on /api/health and
+    ``page`` (the arguments of nginx's ``return``, e.g. "500 broken") on every other path."""
+    return r"""#!/bin/sh
+dir=/tmp/nginx-$PORT
+mkdir -p "$dir"
+cat > "$dir/nginx.conf" <<CONF
+daemon off; master_process off; pid $dir/pid; error_log stderr;
+events { }
+http { access_log off; client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
+  fastcgi_temp_path $dir/fastcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
+  server { listen $HOST:$PORT;
+    location = /api/health { return 200 ok; }
+    location / { return PAGE; } } }
+CONF
+exec /usr/sbin/nginx -e stderr -p "$dir/" -c "$dir/nginx.conf"
+""".replace("PAGE", page)
+
+
 STOP_AT_VAR = "ALIVE_SWITCH_TEST_STOP_AT"  # the CLI's fault injection (switcher/deploy.py)
 
 

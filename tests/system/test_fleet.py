@@ -161,13 +161,7 @@ class PacedLoad(Load):
         while not self._stop.wait(self.PAUSE) and time.monotonic() < self.deadline:
             outcome, build = one_request(self.port, self.timeout)
             with self._lock:
-                if outcome == "ok":
-                    self.tally.ok += 1
-                    self.tally.builds[build] += 1
-                else:
-                    self.tally.failures[outcome] += 1
-                    if len(self.tally.examples) < 10:
-                        self.tally.examples.append(f"{outcome}: {build}")
+                self.tally.add(outcome, build)
 
 
 def status(host: Host) -> dict[str, Any]:

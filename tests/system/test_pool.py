@@ -16,7 +16,7 @@ import pytest
 
 from tests.load import Load
 from tests.ports import port_block
-from tests.system.harness import Env, wait_for
+from tests.system.harness import Env, nginx_app, wait_for
 from tests.system.sandbox import Sandbox
 from tests.system.test_http import router_status, stop_wrk
 
@@ -26,20 +26,7 @@ STEPS = 10  # per app: 20 deploys and rollbacks in all
 
 # Each build answers {"build": its name} on every page (tests/load.py reads it), "ok" on the
 # health path.
-NGINX_APP = r"""#!/bin/sh
-dir=/tmp/nginx-$PORT
-mkdir -p "$dir"
-cat > "$dir/nginx.conf" <<CONF
-daemon off; master_process off; pid $dir/pid; error_log stderr;
-events { }
-http { access_log off; client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
-  fastcgi_temp_path $dir/fastcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
-  server { listen $HOST:$PORT;
-    location = /api/health { return 200 ok; }
-    location / { return 200 '{"build": "BUILD"}'; } } }
-CONF
-exec /usr/sbin/nginx -e stderr -p "$dir/" -c "$dir/nginx.conf"
-"""
+NGINX_APP = nginx_app("200 '{\"build\": \"BUILD\"}'")
 NODE_APP = r"""#!/bin/sh
 exec /usr/bin/node -e '
 const server = require("http").createServer((req, res) => {

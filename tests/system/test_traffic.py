@@ -19,7 +19,7 @@ import pytest
 
 from tests.load import Load, Tally
 from tests.ports import port_block
-from tests.system.harness import APP, Env, build_on, wait_for
+from tests.system.harness import APP, Env, build_on, nginx_app, wait_for
 from tests.system.sandbox import Sandbox
 from tests.system.test_http import router_status
 
@@ -32,20 +32,7 @@ INTERVAL = 0.1  # the harness's health.interval
 
 PYTHON_APP = f"#!/bin/sh\nexec {sys.executable} {APP}\n"
 # nginx as the app: 200 on the health path, 500 on every page (the build the issue found).
-NGINX_APP = r"""#!/bin/sh
-dir=/tmp/nginx-$PORT
-mkdir -p "$dir"
-cat > "$dir/nginx.conf" <<CONF
-daemon off; master_process off; pid $dir/pid; error_log stderr;
-events { }
-http { access_log off; client_body_temp_path $dir/body; proxy_temp_path $dir/proxy;
-  fastcgi_temp_path $dir/fastcgi; uwsgi_temp_path $dir/uwsgi; scgi_temp_path $dir/scgi;
-  server { listen $HOST:$PORT;
-    location = /api/health { return 200 ok; }
-    location / { return 500 broken; } } }
-CONF
-exec /usr/sbin/nginx -e stderr -p "$dir/" -c "$dir/nginx.conf"
-"""
+NGINX_APP = nginx_app("500 broken")
 
 
 @pytest.fixture(scope="module")
