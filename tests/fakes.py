@@ -181,6 +181,7 @@ class FakeRouter:
     steered: list[Color] = field(default_factory=list)  # direct mode's listeners taken
     steer_error: str = ""  # set: ``steer`` fails with it
     direct: dict[str, Any] | None = None  # direct mode's report in ``status``
+    inflight: dict[str, int] = field(default_factory=lambda: {"blue": 0, "green": 0})
 
     def status(self, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
         if self.traffic is not None:
@@ -191,7 +192,7 @@ class FakeRouter:
         return {"ok": True, "serving": self.active.value if self.active else None,
                 "canary": canary_json(self.canary), "paused": self.paused,
                 "preview": self.preview[0].value if self.preview else None,
-                "inflight": {"blue": 0, "green": 0}, "started_at": self.started_at,
+                "inflight": dict(self.inflight), "started_at": self.started_at,
                 "counters": _colors(self.counters),
                 "recent": {"seconds": 60.0, **_colors(self.recent)},
                 **({"direct": self.direct} if self.direct is not None else {})}

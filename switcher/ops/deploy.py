@@ -417,15 +417,17 @@ class Deployer(Site):
                               f"{target} keeps serving (systemd restarts it on failure)",
                               self.journal_hint(target))
         fallback = before.fallback if before.fallback and before.fallback.color != target else None
-        # The failed color finishes what it has (its stop lets the app do so) for up to
-        # `drain`, as an old color does after a switch; cut at once, its in-flight requests
-        # would be 504s to clients whose answers were on their way.
+        # The failed color finishes what it has for up to `drain` before it is stopped, as
+        # an old color does after a switch; cut at once, its in-flight requests would be
+        # 504s to clients whose answers were on their way (an app that stops gracefully
+        # would finish them; not every app does).
         back = before.with_(pending=None, fallback=fallback,
                             drain_until=self.clock.now() + self.env.drain)
         live_build = before.builds.get(before.active) or ""
         state.save_state(self.env_dir, before.with_(pending=Pending(
             before.active, Phase.switching, SWITCH_BACK, live_build)))
         self.router.switch(before.active, back.fallback, back.drain_until, back.builds)
+        self.drain_color(target)
         self.stop_quietly(target)
         back = self.undo_link(back, target)  # a failed build never becomes a rollback target
         state.save_state(self.env_dir, back)

@@ -193,6 +193,37 @@ def test_a_build_that_dies_during_watch_is_switched_back(world) -> None:
     assert sd.units["unit-prod@green.service"].active == "inactive"
 
 
+def test_a_switch_back_lets_the_failed_color_finish_its_requests_before_stopping_it(
+        world) -> None:
+    d, sd, router, _ = world
+    d.deploy("b1", force=False, dry_run=False)
+    real_sleep, real_stop = d.clock.sleep, sd.stop
+    left = [3]  # status polls after the switch back that still see a request on green
+
+    def die_after_switch(seconds: float) -> None:
+        if router.active == Color.green:
+            sd.units["unit-prod@green.service"].main_pid = 99999
+            router.inflight["green"] = 1
+        real_sleep(seconds)
+
+    def finishing(r: FakeRouter) -> None:
+        if r.active == Color.blue and r.inflight["green"]:
+            left[0] -= 1
+            r.inflight["green"] = int(left[0] > 0)
+
+    seen_at_stop: list[int] = []
+
+    def stop(unit: str) -> None:
+        if unit == "unit-prod@green.service":
+            seen_at_stop.append(router.inflight["green"])
+        real_stop(unit)
+
+    d.clock.sleep, router.traffic, sd.stop = die_after_switch, finishing, stop
+    with pytest.raises(SwitchedBackError, match="restarted"):
+        d.deploy("b2", force=False, dry_run=False)
+    assert left[0] == 0 and seen_at_stop[0] == 0  # stopped once nothing was in flight
+
+
 def test_rollback_is_warm_and_a_second_one_goes_back(world) -> None:
     d, sd, router, _ = world
     d.deploy("b1", force=False, dry_run=False)
