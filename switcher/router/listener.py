@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
@@ -52,7 +53,7 @@ DIAG_REQUEST = struct.Struct("=BBBBI48x")  # inet_diag_req_v2, with a zero inet_
 # inet_diag_msg: family, state, timer, retrans; sockid (sport and dport in network order,
 # src and dst 16 bytes each, interface, cookie); expires, rqueue, wqueue, uid, inode.
 DIAG_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
-DIAG_TIMEOUT = 5.0
+DIAG_TIMEOUT = 1.0  # well inside the CLI's 5 s for a steer, so the fallback can run
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -128,12 +129,18 @@ def kernel_listeners(host: str, port: int) -> set[int]:
         nl.sendto(header + request, (0, 0))
         inodes: set[int] = set()
         while True:
-            for kind, payload in _netlink_messages(nl.recv(1 << 16)):
-                if kind == NLMSG_DONE:
-                    return inodes
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    raise OSError(code, f"sock_diag: {os.strerror(code)}")
+            data = nl.recv(1 << 16)
+            if not data:
+                raise OSError(errno.EPROTO, "sock_diag: the dump ended without NLMSG_DONE")
+            for kind, payload in _netlink_messages(data):
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    # Both carry an int: 0, or minus the errno that cut the dump short.
+                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code:
+                        raise OSError(code, f"sock_diag: {os.strerror(code)}")
+                    if kind == NLMSG_DONE:
+                        return inodes
+                    continue  # an acknowledgement
                 inode = _diag_listener(payload, family, host, port)
                 if inode is not None:
                     inodes.add(inode)
@@ -151,6 +158,8 @@ def _netlink_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 def _diag_listener(payload: bytes, family: int, host: str, port: int) -> int | None:
     """The inode of one inet_diag_msg record if it listens where ``host:port`` accepts."""
+    if len(payload) < DIAG_MESSAGE.size:
+        raise OSError(errno.EPROTO, f"sock_diag: a record of {len(payload)} bytes")
     fields = DIAG_MESSAGE.unpack_from(payload)
     source = fields[6] if family == socket.AF_INET6 else fields[6][:4]
     bound = ipaddress.ip_address(source)
@@ -181,12 +190,18 @@ def find(pids: list[int], host: str, port: int, proc: Path = PROC) -> tuple[int,
 
 
 def copy(pid: int, fd: int) -> socket.socket:
-    """A descriptor of process ``pid``'s ``fd`` in this process, as a socket."""
+    """A descriptor of process ``pid``'s ``fd`` in this process, as a socket; raises OSError
+    (ENOTSOCK, the copy closed, when that descriptor is no longer a socket)."""
     pidfd = _syscall(PIDFD_OPEN, pid, 0)
     try:
-        return socket.socket(fileno=_syscall(PIDFD_GETFD, pidfd, fd, 0))
+        raw = _syscall(PIDFD_GETFD, pidfd, fd, 0)
     finally:
         os.close(pidfd)
+    try:
+        return socket.socket(fileno=raw)
+    except OSError:
+        os.close(raw)
+        raise
 
 
 def _syscall(number: int, *args: int) -> int:
@@ -216,16 +231,22 @@ def take(unit: str, found: tuple[int, int], host: str, port: int) -> socket.sock
     try:
         sock = copy(pid, fd)
     except OSError as e:
+        if e.errno == errno.ENOTSOCK:
+            raise _closed_meanwhile(unit, found, host, port) from None
         raise SteerError(f"cannot copy the listener of {unit} (PID {pid}, fd {fd}): "
                          f"{e.strerror}",
                          "direct mode needs ptrace access to the color (Yama ptrace_scope "
                          'below 3, CAP_SYS_PTRACE); or use mode = "tcp"') from None
     if not _listens_on(sock, port):
         sock.close()
-        raise SteerError(f"the listener of {unit} on {host}:{port} (PID {pid}, fd {fd}) "
-                         "closed while it was taken",
-                         f"journalctl -u {unit} -n 50: is the app restarting?")
+        raise _closed_meanwhile(unit, found, host, port)
     return sock
+
+
+def _closed_meanwhile(unit: str, found: tuple[int, int], host: str, port: int) -> SteerError:
+    return SteerError(f"the listener of {unit} on {host}:{port} (PID {found[0]}, fd "
+                      f"{found[1]}) closed while it was taken",
+                      f"journalctl -u {unit} -n 50: is the app restarting?")
 
 
 def _listens_on(sock: socket.socket, port: int) -> bool:

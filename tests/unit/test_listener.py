@@ -148,6 +148,22 @@ def test_a_descriptor_that_is_no_longer_the_listener_is_not_taken(
         listener.take("app@blue.service", found, "127.0.0.1", OTHER)  # as if renumbered
 
 
+def test_a_descriptor_now_a_pipe_is_not_taken_and_its_copy_is_closed() -> None:
+    """The app may reuse the listener's number for a pipe between the scan and the copy."""
+    read, write = os.pipe()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError) as caught:
+            listener.copy(os.getpid(), read)
+        assert caught.value.errno == errno.ENOTSOCK
+        with pytest.raises(SteerError, match=r"\(PID \d+, fd \d+\) closed while it was taken"):
+            listener.take("app@blue.service", (os.getpid(), read), "127.0.0.1", PORT)
+        assert len(os.listdir("/proc/self/fd")) == before  # no copy left open
+    finally:
+        os.close(read)
+        os.close(write)
+
+
 def test_a_copy_from_a_process_gone_is_an_os_error() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
