@@ -106,17 +106,24 @@ class Direct:
         await self.resume(live())
         while True:
             await asyncio.sleep(RETAKE_EVERY)
-            color = live()
-            if color is None or self.steering.holds(color) or not self.settings.health_path:
-                continue
-            host, port = self.settings.colors[color]
-            if not await healthy(host, port, self.settings.health_path,
-                                 self.settings.health_expect):
-                continue
             try:
-                await self.take(color)
-            except SteerError as e:
-                log("warning", f"{color} answers its health probe but: {e}")
+                await self._retake_once(live())
+            except Exception as e:
+                # Whatever one round met (a map that cannot be read, /proc racing a process
+                # exit), the next round tries again: this task lives as long as the router.
+                log("err", f"re-taking the live color's listener failed: {e!r}")
+
+    async def _retake_once(self, color: Color | None) -> None:
+        if color is None or self.steering.holds(color) or not self.settings.health_path:
+            return
+        host, port = self.settings.colors[color]
+        if not await healthy(host, port, self.settings.health_path,
+                             self.settings.health_expect):
+            return
+        try:
+            await self.take(color)
+        except SteerError as e:
+            log("warning", f"{color} answers its health probe but: {e}")
 
     def counted(self) -> dict[Color, int]:
         """Connections the program steered to each color since the last call, without the
@@ -135,6 +142,8 @@ class Direct:
         connection; one that was steered is left out of ``counted``."""
         selected = self.steering.selected()
         steering = await self.steering.probe()
+        if self.closed:  # a reload or shutdown meanwhile: the maps are gone
+            return selected, False
         if steering and selected is not None:
             self.probes[selected] += 1
         return selected, steering
@@ -146,7 +155,8 @@ class Direct:
         return {"families": [family], "address": target.address or "any",
                 "port": target.port, "selected": _color_name(selected),
                 "steering": steering,  # measured, not assumed
-                "steered": {c.value: n for c, n in self.steering.steered().items()},
+                "steered": ({} if self.closed else
+                            {c.value: n for c, n in self.steering.steered().items()}),
                 "taken_at": {c.value: t for c, t in self.taken.items()}}
 
     def close(self) -> None:

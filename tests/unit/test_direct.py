@@ -195,7 +195,7 @@ def test_a_public_socket_the_colors_never_accept_on_is_refused(netns: Netns) -> 
     assert 'nothing can be steered' in netns.run(_unsteerable)
 
 
-def _retaken(units: dict[str, int]) -> tuple[bool, bool, bytes]:
+def _retaken(units: dict[str, int], logged: list[str]) -> tuple[bool, bool, bytes]:
     with public() as pub, color("green", GREEN) as first:
         units["app-test@green.service"] = first.pid
         steering = direct.Direct.open(SETTINGS, [pub])
@@ -204,26 +204,53 @@ def _retaken(units: dict[str, int]) -> tuple[bool, bool, bytes]:
             steering.select(Color.green)
             stop(first)  # systemd restarts it: a new process, a new listener
             held_after_exit = steering.steering.holds(Color.green)
-            with color("green-2", GREEN) as second:
-                units["app-test@green.service"] = second.pid
 
-                async def watch() -> bool:
-                    steering.keep_taking(lambda: Color.green)
-                    for _ in range(500):
+            async def watch() -> tuple[bool, bytes]:
+                steering.keep_taking(lambda: Color.green)
+                while not any("not steering to green yet" in m for m in logged):
+                    await asyncio.sleep(0.01)  # the router's first take found no listener
+                with color("green-2", GREEN) as second:
+                    units["app-test@green.service"] = second.pid
+                    for _ in range(500):  # now the rounds, once it answers its health probe
                         if steering.steering.holds(Color.green):
-                            return True
+                            return True, answer()
                         await asyncio.sleep(0.01)
-                    return False
+                    return False, b""
 
-                retaken = asyncio.run(watch())
-                return held_after_exit, retaken, answer()
+            return held_after_exit, *asyncio.run(watch())
         finally:
             steering.close()
 
 
+@pytest.fixture
+def logged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the router logs, as messages."""
+    messages: list[str] = []
+    monkeypatch.setattr(direct, "log", lambda _level, message: messages.append(message))
+    return messages
+
+
 def test_a_live_color_restarted_is_taken_again_once_healthy(
-        netns: Netns, units: dict[str, int]) -> None:
-    assert netns.run(_retaken, units) == (False, True, b"green-2")
+        netns: Netns, units: dict[str, int], logged: list[str]) -> None:
+    assert netns.run(_retaken, units, logged) == (False, True, b"green-2")
+
+
+def test_a_round_of_re_taking_that_fails_leaves_the_next_round_to_try(
+        netns: Netns, units: dict[str, int], logged: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    probed = direct.healthy
+    calls = []
+
+    async def broken_once(*args: Any) -> bool:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("a round that met the unexpected")
+        return await probed(*args)
+
+    monkeypatch.setattr(direct, "healthy", broken_once)
+    assert netns.run(_retaken, units, logged) == (False, True, b"green-2")
+    assert len(calls) >= 2
+    assert any("a round that met the unexpected" in m for m in logged), logged
 
 
 async def _ticks_while(work: Any) -> tuple[Any, int]:
