@@ -196,12 +196,16 @@ class KeepAliveClient:
         except OSError as exc:
             self.close()
             return failure(exc)
+        except ValueError as exc:  # a Content-Length that is not a number
+            self.close()
+            return "other", str(exc)
         if close:
             self.close()
         return classify(data)
 
     def _answer(self, sock: socket.socket) -> tuple[bytes, bool]:
-        """The whole answer (head and Content-Length body) and whether the server closes."""
+        """The whole answer (head and Content-Length body) and whether the server closes.
+        Without a Content-Length the body runs to the close (the apps here send one)."""
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = _recv_or_closed(sock, first=not data)
@@ -209,7 +213,11 @@ class KeepAliveClient:
                 return data, True
             data += chunk
         head = data.partition(b"\r\n\r\n")[0].lower()
-        length = _content_length(head) or 0
+        length = _content_length(head)
+        if length is None:
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data, True
         while len(data.partition(b"\r\n\r\n")[2]) < length:
             chunk = sock.recv(65536)
             if not chunk:

@@ -94,6 +94,24 @@ def test_an_answer_cut_short_is_never_retried(server: tuple[int, list[int]]) -> 
     assert client.retried == 0
 
 
+def _no_length(conn: socket.socket, number: int) -> None:
+    conn.recv(65536)
+    conn.sendall(b'HTTP/1.1 200 OK\r\n\r\n{"build": "b1"}')  # the body ends at the close
+
+
+@pytest.mark.parametrize("server", [_no_length], indirect=True)
+def test_an_answer_without_a_length_runs_to_the_close_and_is_no_retry(
+        server: tuple[int, list[int]]) -> None:
+    port, connections = server
+    client = KeepAliveClient(port, timeout=5)
+    try:
+        assert client.request() == ("ok", "b1")
+        assert client.request() == ("ok", "b1")
+    finally:
+        client.close()
+    assert client.retried == 0 and len(connections) == 2
+
+
 @pytest.mark.parametrize("server", [_one_then_close], indirect=True)
 def test_the_tally_counts_retries_apart_from_failures(server: tuple[int, list[int]]) -> None:
     with Load(server[0], threads=1, keep_alive=True, max_requests=5) as load:
