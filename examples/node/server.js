@@ -22,12 +22,23 @@ const build = path.basename(process.cwd());
 const backlog = Number(process.env.BACKLOG || 4096);
 let stopping = false;
 
+const atStop = [];  // answers that wait for SIGTERM (GET /slow?until=stop)
+
 const server = http.createServer((req, res) => {
-  // GET /slow?ms=N answers after N ms (at most 10 s): a request still in flight when the
-  // color is retired, which its shutdown lets finish.
-  const url = new URL(req.url, "http://app");
-  const delay = url.pathname === "/slow" ? Math.min(Number(url.searchParams.get("ms")) || 0, 10000) : 0;
-  setTimeout(() => answer(res), delay);
+  // GET /slow?ms=N answers N ms (at most 10 s) after it came, or with until=stop N ms after
+  // SIGTERM: a request in flight while the color is retired, which its shutdown finishes.
+  const [pathname, query = ""] = req.url.split("?", 2); // never throws, unlike new URL()
+  if (pathname !== "/slow") {
+    answer(res);
+    return;
+  }
+  const params = new URLSearchParams(query);
+  const later = () => setTimeout(() => answer(res), Math.min(Number(params.get("ms")) || 0, 10000));
+  if (params.get("until") === "stop" && !stopping) {
+    atStop.push(later);
+  } else {
+    later();
+  }
 });
 
 function answer(res) {
@@ -43,6 +54,7 @@ server.keepAliveTimeout = 75000;
 
 process.on("SIGTERM", () => {
   stopping = true;
+  atStop.splice(0).forEach((later) => later());
   server.close(() => process.exit(0)); // no new connections; exits once all have ended
   server.closeIdleConnections();       // idle keep-alive connections go now
 });

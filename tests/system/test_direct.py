@@ -34,7 +34,9 @@ pytestmark = pytest.mark.system
 NODE = "/usr/bin/node"
 NODE_APP = ROOT / "examples/node/server.js"
 STEPS = 20  # deploys and rollbacks of the Node.js example, alternating
-SLOW_MS = 2000  # a slow request, sent just before a switch: past the retirement at T0 + 1 s
+# A slow request, sent to the old color just before a switch, which server.js answers only
+# this long after its SIGTERM: in flight across the retirement, finished by the shutdown.
+AFTER_STOP_MS = 200
 # The old color is the fallback for max(DRAIN, WATCH) after a switch (no standby in direct
 # mode): long enough for the killed-color test to find it there.
 DRAIN, WATCH = 20, 1
@@ -242,8 +244,9 @@ def node(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 
 class Slow(threading.Thread):
-    """One GET /slow on a new connection: ``sent`` once the kernel has given it to a
-    listener and the request is on its way; then (class, build) and when it ended."""
+    """One GET /slow?until=stop on a new connection, which the color answers only once it
+    is told to stop: ``sent`` once the kernel has given it to a listener and the request is
+    on its way; then (class, build) and when it ended."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -255,8 +258,8 @@ class Slow(threading.Thread):
     def run(self) -> None:
         try:
             with socket.create_connection(("127.0.0.1", NODE_LISTEN), timeout=10) as sock:
-                sock.sendall(f"GET /slow?ms={SLOW_MS} HTTP/1.1\r\nHost: slow\r\n"
-                             "Connection: close\r\n\r\n".encode())
+                sock.sendall(f"GET /slow?until=stop&ms={AFTER_STOP_MS} HTTP/1.1\r\n"
+                             "Host: slow\r\nConnection: close\r\n\r\n".encode())
                 self.sent.set()
                 data = b""
                 while chunk := sock.recv(65536):
