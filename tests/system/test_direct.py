@@ -200,7 +200,8 @@ def test_a_connection_from_another_network_namespace_is_not_steered_to_a_loopbac
     color over loopback, as the color's own listener would never have accepted it)."""
     outside = Netns("dw")
     host_side = f"asw{os.getpid() % 10**6}"  # a link in this (the host's) namespace
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    # 198.18.0.0/15 is for network tests (RFC 2544): no host's real routes use it.
+    subnet = f"198.{18 + os.getpid() % 2}.{os.getpid() % 250}"
     try:
         subprocess.run(["ip", "link", "add", host_side, "type", "veth", "peer", "name", "eth0",
                         "netns", outside.name], check=True)

@@ -103,6 +103,23 @@ def test_sock_diag_lists_only_listeners_on_the_address_or_the_wildcard() -> None
             assert listener.kernel_listeners("::1", PORT) == set()
 
 
+def test_a_dump_longer_than_one_read_is_read_to_its_end() -> None:
+    """1,500 listeners on one port (SO_REUSEPORT): more records than one 64 KiB read."""
+    socks = []
+    try:
+        for _ in range(1500):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAITs
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", PORT))
+            sock.listen(1)
+        assert listener.kernel_listeners("127.0.0.1", PORT) == {inode(s) for s in socks}
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_find_asks_sock_diag_and_never_reads_the_tables(
         app: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch) -> None:
     def unread(*_: object) -> str:
