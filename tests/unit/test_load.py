@@ -60,38 +60,36 @@ def _half_answer(conn: socket.socket, number: int) -> None:
     conn.sendall(ANSWER[:-5])
 
 
+def asked(port: int, times: int) -> tuple[list[tuple[str, str]], int]:
+    """``times`` requests from one keep-alive client: their outcomes, and how many of them
+    it sent again on a new connection."""
+    client = KeepAliveClient(port, timeout=5)
+    try:
+        return [client.request() for _ in range(times)], client.retried
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("server", [_one_then_close], indirect=True)
 def test_a_reused_connection_closed_while_idle_is_retried_on_a_new_one(
         server: tuple[int, list[int]]) -> None:
     port, connections = server
-    client = KeepAliveClient(port, timeout=5)
-    try:
-        assert client.request() == ("ok", "b1")
-        assert client.request() == ("ok", "b1")
-    finally:
-        client.close()
-    assert client.retried == 1 and len(connections) == 2
+    outcomes, retried = asked(port, 2)
+    assert outcomes == [("ok", "b1"), ("ok", "b1")]
+    assert retried == 1 and len(connections) == 2
 
 
 @pytest.mark.parametrize("server", [_close_at_once], indirect=True)
 def test_a_fresh_connection_closed_before_the_answer_is_a_failure(
         server: tuple[int, list[int]]) -> None:
-    client = KeepAliveClient(server[0], timeout=5)
-    try:
-        outcome, _ = client.request()
-    finally:
-        client.close()
-    assert outcome in ("eof", "reset") and client.retried == 0
+    [(outcome, _)], retried = asked(server[0], 1)
+    assert outcome in ("eof", "reset") and retried == 0
 
 
 @pytest.mark.parametrize("server", [_half_answer], indirect=True)
 def test_an_answer_cut_short_is_never_retried(server: tuple[int, list[int]]) -> None:
-    client = KeepAliveClient(server[0], timeout=5)
-    try:
-        assert client.request()[0] == "eof"
-    finally:
-        client.close()
-    assert client.retried == 0
+    [(outcome, _)], retried = asked(server[0], 1)
+    assert outcome == "eof" and retried == 0
 
 
 def _no_length(conn: socket.socket, number: int) -> None:
@@ -103,13 +101,9 @@ def _no_length(conn: socket.socket, number: int) -> None:
 def test_an_answer_without_a_length_runs_to_the_close_and_is_no_retry(
         server: tuple[int, list[int]]) -> None:
     port, connections = server
-    client = KeepAliveClient(port, timeout=5)
-    try:
-        assert client.request() == ("ok", "b1")
-        assert client.request() == ("ok", "b1")
-    finally:
-        client.close()
-    assert client.retried == 0 and len(connections) == 2
+    outcomes, retried = asked(port, 2)
+    assert outcomes == [("ok", "b1"), ("ok", "b1")]
+    assert retried == 0 and len(connections) == 2
 
 
 @pytest.mark.parametrize("server", [_one_then_close], indirect=True)
